@@ -1,0 +1,57 @@
+"""The `mesh` command: one entry point, one subcommand per concern.
+
+Each package registers its own subcommands through a `register(subparsers)`
+function, so the CLI stays a thin dispatcher and the logic lives next to the
+code it drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, attribute) pairs; imported lazily so `mesh --help` stays fast and a
+# broken optional dependency only affects the subcommand that needs it.
+_REGISTRARS = [
+    "mesh_model.params",
+    "data_prep.cli",
+    "pretrain.cli",
+]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh",
+        description=(
+            "Pretraining pipeline for MeSH (Memory-as-State-Highways) recursive transformers: "
+            "model accounting, data preparation, training."
+        ),
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _REGISTRARS:
+        module = importlib.import_module(module_name)
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"mesh {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
