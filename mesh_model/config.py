@@ -1,0 +1,250 @@
+"""Model configuration: the size, the layer split, the recurrence variant.
+
+The layer split uses the paper's notation `L_pre + L_core R N_loop + L_coda`
+(for example `4+8R2+4`: 4 prelude layers, an 8-layer core looped twice, 4 coda
+layers; 24 layers of compute). A plain number (`24`) is a vanilla,
+non-recursive stack. The split, the variant and the buffer size live here and
+nowhere else; everything downstream reads the derived properties.
+
+Every field is validated in `__post_init__`, so a bad config fails before any
+tensor is allocated, with one line that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+VARIANTS = ("vanilla", "base", "residual", "anchor", "anchor_emb", "mesh")
+"""vanilla: non-recursive stack. base/residual/anchor/anchor_emb: the fixed
+recurrences h(t+1) = f_core(h(t)) + h_sup(t) with h_sup = none / h(t) / h0 /
+h_emb (the paper's anchor*). mesh: the memory buffer with step-wise routers."""
+
+_RECURSIVE_SPLIT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[Rr]\s*(-?\d+)\s*\+\s*(\d+)\s*$")
+_PLAIN_SPLIT = re.compile(r"^\s*(\d+)\s*$")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    prelude: int
+    core: int
+    loops: int
+    coda: int
+
+    @property
+    def compute_depth(self) -> int:
+        """Layers in the unrolled compute graph (what the init scaling uses)."""
+        return self.prelude + self.core * self.loops + self.coda
+
+    @property
+    def unique_layers(self) -> int:
+        """Layers with their own weights."""
+        return self.prelude + self.core + self.coda
+
+    @property
+    def is_recursive(self) -> bool:
+        return self.core > 0
+
+    def __str__(self) -> str:
+        if not self.is_recursive:
+            return str(self.prelude)
+        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
+
+
+def parse_layer_split(text: str | int) -> LayerSplit:
+    """`"4+8R2+4"` -> LayerSplit(4, 8, 2, 4); `"24"` -> LayerSplit(24, 0, 0, 0)."""
+    text = str(text)
+    if m := _PLAIN_SPLIT.match(text):
+        return LayerSplit(int(m.group(1)), 0, 0, 0)
+    if m := _RECURSIVE_SPLIT.match(text):
+        pre, core, loops, coda = (int(g) for g in m.groups())
+        return LayerSplit(pre, core, loops, coda)
+    raise ConfigError(
+        f"model.layer_split={text!r} is not of the form L_pre+L_coreRN_loop+L_coda "
+        "(e.g. '4+8R2+4') or a plain layer count for vanilla (e.g. '24')"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-NeoX (Pythia-style) model, optionally recursive, optionally with MeSH."""
+
+    # --- size -------------------------------------------------------------
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    vocab_size: int = 50277
+    """The tokenizer's vocabulary. The embedding is padded (see padded_vocab_size)."""
+    seq_length: int = 2048
+    ffn_hidden_size: int | None = None
+    """Defaults to 4 * hidden_size (GPT-NeoX)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pythia pads 50277 -> 50304 (a multiple of 128) for fast matmuls."""
+
+    # --- depth and recurrence ---------------------------------------------
+    layer_split: str = "12"
+    num_layers: int | None = None
+    """The declared compute depth; must equal L_pre + L_core * N_loop + L_coda.
+    Optional, but configs state it so a typo in the split is caught."""
+    variant: str = "vanilla"
+    buffer_slots: int | None = None
+    """MeSH buffer size B. Defaults to N_loop + 3 (the paper's choice)."""
+    router_init_std: float | None = None
+    """MeSH router weight init std. The paper leaves it open; default
+    sqrt(2 / (5 * hidden_size)) (truncated normal), biases zero, which starts
+    every router near-uniform over the slots."""
+
+    # --- GPT-NeoX architecture options --------------------------------------
+    parallel_residual: bool = True
+    """x + attn(ln1(x)) + mlp(ln2(x)); False gives the sequential pre-LN layer."""
+    rotary_percent: float = 0.25
+    rotary_base: int = 10000
+    layernorm_epsilon: float = 1e-5
+    scale_embeddings: bool = True
+    """Multiply token embeddings by sqrt(hidden_size), as the paper's setup does."""
+    untie_embeddings: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    # ----------------------------------------------------------------------
+    split: LayerSplit = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check_positive("hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}; pick a head count that divides it"
+            )
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            raise ConfigError(f"model.ffn_hidden_size={self.ffn_hidden_size} must be positive")
+        if self.variant not in VARIANTS:
+            raise ConfigError(
+                f"model.variant={self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}"
+            )
+        self.split = parse_layer_split(self.layer_split)
+        self._check_split()
+        self._check_buffer()
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
+        rotary_dims = int(self.head_dim * self.rotary_percent)
+        if rotary_dims < 2 or rotary_dims % 2:
+            raise ConfigError(
+                f"model.rotary_percent={self.rotary_percent} gives {rotary_dims} rotary dims of "
+                f"head_dim={self.head_dim}; it must be an even number >= 2"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.make_vocab_size_divisible_by <= 0:
+            raise ConfigError("model.make_vocab_size_divisible_by must be positive")
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value!r} must be a positive integer")
+
+    def _check_split(self) -> None:
+        split = self.split
+        if self.variant == "vanilla":
+            if split.is_recursive:
+                raise ConfigError(
+                    f"model.layer_split={self.layer_split!r} is recursive but model.variant is "
+                    f"'vanilla'; use a plain layer count such as '{split.compute_depth}'"
+                )
+        else:
+            if not split.is_recursive:
+                raise ConfigError(
+                    f"model.variant={self.variant!r} needs a recursive model.layer_split such as "
+                    f"'4+8R2+4', got {self.layer_split!r}"
+                )
+            if split.loops < 1:
+                raise ConfigError(
+                    f"model.layer_split={self.layer_split!r} has N_loop={split.loops}; "
+                    "N_loop must be >= 1"
+                )
+        if split.compute_depth < 1:
+            raise ConfigError(f"model.layer_split={self.layer_split!r} has no layers")
+        if self.num_layers is not None and self.num_layers != split.compute_depth:
+            raise ConfigError(
+                f"model.layer_split={self.layer_split!r} sums to {split.compute_depth} compute "
+                f"layers but model.num_layers={self.num_layers}; fix one of the two"
+            )
+
+    def _check_buffer(self) -> None:
+        if self.variant != "mesh":
+            if self.buffer_slots is not None:
+                raise ConfigError(
+                    f"model.buffer_slots={self.buffer_slots} is set but model.variant is "
+                    f"{self.variant!r}; buffer_slots only applies to 'mesh'"
+                )
+            return
+        if self.buffer_slots is None:
+            self.buffer_slots = self.split.loops + 3
+        if not isinstance(self.buffer_slots, int) or self.buffer_slots < 2:
+            raise ConfigError(
+                f"model.buffer_slots={self.buffer_slots!r} must be an integer >= 2 for mesh "
+                "(slot 0 holds the embeddings; at least one more slot is needed for writes)"
+            )
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def compute_depth(self) -> int:
+        return self.split.compute_depth
+
+    @property
+    def router_std(self) -> float:
+        if self.router_init_std is not None:
+            return self.router_init_std
+        return math.sqrt(2.0 / (5.0 * self.hidden_size))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model field(s) {', '.join('model.' + u for u in unknown)}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping; every failure is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a YAML mapping, got {type(data).__name__}")
+    return data

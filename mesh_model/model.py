@@ -1,0 +1,247 @@
+"""The MeSH language model: embedding -> prelude -> loop(core) -> coda -> head.
+
+    tokens [b, s]
+      -> VocabParallelEmbedding, * sqrt(h)            h_emb   [s, b, h]
+      -> prelude (L_pre GPT-NeoX layers)              p       [s, b, h]
+      -> recurrence over the shared core block         h(N)    [s, b, h]
+         (N_loop applications of L_core layers; how the state is carried
+          between loops is the variant, see recurrence.py)
+      -> coda (L_coda layers) -> final LayerNorm
+      -> ColumnParallelLinear head (untied)           logits  [s, b, V/tp]
+      -> vocab-parallel cross entropy                 loss    [b, s]
+
+A vanilla model is the same class with only a prelude (no core, no coda).
+
+Layout follows megatron-core's `GPTModel`: activations are [s, b, h], the
+model is a `LanguageModule`, every projection is a megatron-core column/row
+parallel linear inside `SelfAttention` / `MLP`, and `pre_process` /
+`post_process` are the only pipeline switches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.backends import BackendSpecProvider
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from mesh_model.config import ModelConfig
+from mesh_model.layer import default_backend, neox_layer_spec
+from mesh_model.recurrence import build_recurrence
+
+
+def build_transformer_config(
+    config: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    use_cpu_initialization: Optional[bool] = None,
+) -> TransformerConfig:
+    """The megatron-core TransformerConfig for a ModelConfig.
+
+    `num_layers` is the *compute* depth of the unrolled graph, so megatron-core's
+    scaled init gives the output projections std / sqrt(2 * N_compute), as in the
+    paper. Fusions that need CUDA kernels are off; they are GPU-only optimisations.
+    """
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=config.compute_depth,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        ffn_hidden_size=config.ffn_size,
+        kv_channels=config.head_dim,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        layernorm_epsilon=config.layernorm_epsilon,
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        init_method_std=config.init_method_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        attention_backend=AttnBackend.auto if on_gpu else AttnBackend.local,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None else use_cpu_initialization,
+    )
+
+
+class LayerStack(MegatronModule):
+    """A block of consecutive GPT-NeoX layers (prelude, core or coda)."""
+
+    def __init__(
+        self, config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, first_layer_number: int
+    ):
+        super().__init__(config=config)
+        self.layers = nn.ModuleList(
+            build_module(layer_spec, config=config, layer_number=first_layer_number + i)
+            for i in range(num_layers)
+        )
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return hidden_states
+
+
+class MeshLanguageModel(LanguageModule):
+    """A GPT-NeoX language model whose middle block may loop, with MeSH or a fixed recurrence."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_config: ModelConfig,
+        backend: Optional[BackendSpecProvider] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__(config=config)
+        backend = backend or default_backend()
+        self.model_config = model_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = not model_config.untie_embeddings
+        layer_spec = neox_layer_spec(backend, model_config.parallel_residual)
+        split = model_config.split
+
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=model_config.padded_vocab_size,
+                max_sequence_length=model_config.seq_length,
+                position_embedding_type="rope",
+            )
+        self.embedding_scale = math.sqrt(model_config.hidden_size) if model_config.scale_embeddings else 1.0
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=model_config.head_dim,
+            rotary_percent=model_config.rotary_percent,
+            rotary_base=model_config.rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+
+        # Layer numbers are unique per *distinct* layer: prelude 1.., core next, coda last.
+        self.prelude = LayerStack(config, layer_spec, split.prelude, 1)
+        self.core = LayerStack(config, layer_spec, split.core, 1 + split.prelude)
+        self.coda = LayerStack(config, layer_spec, split.coda, 1 + split.prelude + split.core)
+        self.recurrence = build_recurrence(model_config)
+
+        if self.post_process:
+            self.final_layernorm = build_module(
+                backend.layer_norm(),
+                config=config,
+                hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon,
+            )
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                model_config.padded_vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+            )
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # ------------------------------------------------------------------ pipeline
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receives the previous pipeline stage's output (megatron schedule API)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings h_emb, [s, b, h], scaled by sqrt(h) as in the paper's setup."""
+        embeddings = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        return embeddings * self.embedding_scale if self.embedding_scale != 1.0 else embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        trace: Optional[list] = None,
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] when `labels` are given, else logits [b, s, V/tp].
+
+        `trace`, if a list, collects the recurrence's intermediate states (for
+        diagnostics and tests).
+        """
+        if self.pre_process:
+            embeddings = self.embed(input_ids, position_ids)
+        else:
+            embeddings = self.input_tensor
+        seq_len = embeddings.shape[0]
+        rotary_pos_emb = self.rotary_pos_emb(seq_len)
+
+        def run(block: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
+            return block(hidden, attention_mask, rotary_pos_emb)
+
+        hidden = run(self.prelude, embeddings)
+        if self.recurrence is not None:
+            hidden = self.recurrence(
+                hidden, embeddings, core_step=lambda h: run(self.core, h), trace=trace
+            )
+        hidden = run(self.coda, hidden)
+
+        if not self.post_process:
+            return hidden
+        hidden = self.final_layernorm(hidden)
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=output_weight)  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+def build_model(
+    model_config: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_transformer_engine: Optional[bool] = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> MeshLanguageModel:
+    """Builds the model on the current parallel state (parallel_state must be initialised)."""
+    transformer_config = build_transformer_config(
+        model_config,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        params_dtype=params_dtype,
+    )
+    return MeshLanguageModel(
+        transformer_config,
+        model_config,
+        backend=default_backend(use_transformer_engine),
+        pre_process=pre_process,
+        post_process=post_process,
+    )

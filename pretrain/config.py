@@ -1,0 +1,262 @@
+"""The training run's configuration: typed sections, YAML presets, dotted overrides.
+
+    mesh train configs/demo.yaml train.steps=50 optim.lr=1e-3 model.variant=base
+
+Every section is a dataclass validated when built, so a bad value fails before
+any process group, model or data is created, with one line naming the field.
+The resolved config is written into every run folder (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mesh_model.config import ConfigError, ModelConfig, read_yaml_mapping
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = ""
+    """A sentencepiece .model or a Hugging Face tokenizer.json."""
+    train: list[str] = field(default_factory=list)
+    """Megatron .bin/.idx prefixes. Alternate weights and prefixes for a blend:
+    ["0.7", "pile_cc", "0.3", "github"]; plain prefixes are blended by size."""
+    valid: list[str] = field(default_factory=list)
+    """Held-out prefixes for validation loss / perplexity."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core caches its sample indices (default: <run_dir>/data_cache)."""
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer is empty; point it at a tokenizer .model or tokenizer.json")
+        if not self.train:
+            raise ConfigError("data.train is empty; give at least one .bin/.idx prefix")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: Optional[float] = None
+    """Default: 10% of lr (the paper decays to 10% of peak)."""
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.01
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        if self.min_lr is None:
+            self.min_lr = 0.1 * self.lr
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0-3) for optimizer state / gradients / parameters."""
+
+    def validate(self) -> None:
+        if self.tensor < 1 or self.pipeline < 1:
+            raise ConfigError(
+                f"parallel.tensor={self.tensor} and parallel.pipeline={self.pipeline} must be >= 1"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward per data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks and accumulation."""
+    seed: int = 1234
+    device: str = "auto"
+    """auto (cuda when present, else cpu), cpu or cuda."""
+    bf16: bool = False
+    eval_interval: int = 50
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation (each rank)."""
+    log_interval: int = 10
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device={self.device!r} must be auto, cpu or cuda")
+        if self.eval_interval < 0:
+            raise ConfigError(f"train.eval_interval={self.eval_interval} must be >= 0 (0 = only at the end)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Default: <run_dir>/checkpoints."""
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    wandb_mode: str = "offline"
+    """offline (default: logs locally, sync later with `wandb sync`), online or disabled."""
+    wandb_project: str = "mesh-pretrain"
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in (self.data, self.optim, self.parallel, self.train, self.logging):
+            section.validate()
+        if self.model.seq_length < 2:
+            raise ConfigError("model.seq_length must be >= 2")
+        return self
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = section.to_dict() if isinstance(section, ModelConfig) else dataclasses.asdict(section)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- loading
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _section_class(name: str) -> type:
+    hints = typing.get_type_hints(RunConfig)
+    return hints[name]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to a field's declared type, or fail naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        return [_coerce(v, args[0] if args else str, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if annotation in (int, float, str):
+        if annotation is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if annotation is str and not isinstance(value, str):
+            return str(value)
+        if isinstance(value, annotation) and not isinstance(value, bool):
+            return value
+        try:
+            if annotation is int:
+                return int(str(value).replace("_", ""))
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} must be of type {annotation.__name__}") from None
+    return value
+
+
+def _build_section(name: str, values: dict) -> Any:
+    cls = _section_class(name)
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {', '.join(f'{name}.{u}' for u in unknown)}; "
+            f"known {name} fields: {', '.join(sorted(fields))}"
+        )
+    coerced = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+    return cls(**coerced)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["train.steps=10", "model.variant=base"] -> {"train": {"steps": "10"}, ...}."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.steps=10)")
+        section, name = parts
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: unknown section '{section}'; sections: {', '.join(_SECTIONS)}"
+            )
+        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else ""
+    return nested
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Reads a YAML preset, applies dotted overrides, validates everything."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(_SECTIONS)}")
+    for section, values in parse_overrides(overrides or []).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        data[section].update(values)
+    sections = {name: _build_section(name, data.get(name, {})) for name in _SECTIONS}
+    return RunConfig(**sections).validate()
