@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny debug model flavour and a world-size-1 megatron parallel state."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def model_parallel():
+    """megatron-core parallel state at world size 1 (with the CPU shim when no GPU)."""
+    from megatron.core import tensor_parallel
+
+    from mesh_model.params import single_process_model_parallel
+    from pretrain.cpu_shim import apply_cpu_shim
+
+    apply_cpu_shim()
+    with single_process_model_parallel():
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        yield
