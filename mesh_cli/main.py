@@ -24,6 +24,14 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, not a bug: one line, no traceback."""
+    from data_prep.errors import DataError
+    from mesh_model.config import ConfigError
+
+    return (CLIError, ConfigError, DataError, FileNotFoundError, FileExistsError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesh",
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except _user_errors() as err:
         print(f"mesh {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
