@@ -75,9 +75,9 @@ class Tokenizer:
         self.name = f"{backend}:{self.sha256[:12]}"
 
     def _make_unique_identifiers(self) -> None:
-        # Deliberately not the absolute path: the file's content (sha256)
-        # determines every id, so moving a data directory must not invalidate
-        # megatron-core's cached sample indices, while retraining must.
+        # The content hash, not the path: the file's bytes determine every id,
+        # so retraining a tokenizer in place must change megatron-core's cache
+        # key, which a path would not. (megatron adds the data path itself.)
         self.unique_identifiers = OrderedDict(
             [
                 ("class", type(self).__name__),
@@ -190,6 +190,14 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HFTokenizer.from_file(path)
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            model = _sentencepiece_sidecar_model(path)
+            if model is not None:
+                # "<prefix>.json" of a sentencepiece model is named like an HF
+                # tokenizer.json (prefix "tokenizer"): an easy mix-up to make.
+                raise DataError(
+                    f"{path!r} is the metadata sidecar of sentencepiece model {model!r}, "
+                    "not a Hugging Face tokenizer; pass the .model file instead"
+                ) from err
             raise DataError(f"cannot load Hugging Face tokenizer {path!r} ({err}); is it a tokenizer.json?") from err
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod_token = eod_token
@@ -216,6 +224,20 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _sentencepiece_sidecar_model(json_path: str) -> str | None:
+    """If ``json_path`` is the sidecar written by ``train_sentencepiece``, its model's path."""
+    import json
+
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "sha256" in data and str(data.get("model", "")).endswith(".model"):
+        return os.path.join(os.path.dirname(json_path), data["model"])
+    return None
 
 
 def load_tokenizer(path: str | os.PathLike, eod_token: str = DEFAULT_EOD_TOKEN) -> Tokenizer:
