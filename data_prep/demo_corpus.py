@@ -205,6 +205,10 @@ def build_demo_corpus(
     chosen: list[_Module] = []
     total = 0
     for relpath in candidates:
+        # The file size equals the code's UTF-8 size, so modules that cannot
+        # fit are skipped without being read and parsed (small budgets).
+        if total + os.path.getsize(os.path.join(root, relpath)) > max_bytes:
+            continue
         module = _load_module(root, relpath)
         if module is None or total + module.nbytes > max_bytes:
             continue  # keep trying smaller modules: fills the budget more exactly

@@ -3,7 +3,8 @@
 Writes three files for ``output_prefix``:
 
 * ``<prefix>.model``: the SentencePiece model, what ``load_tokenizer`` reads;
-* ``<prefix>.vocab``: one ``piece<TAB>score`` line per id, for humans;
+* ``<prefix>.vocab``: one ``piece<TAB>score`` line per id, for humans
+  (backslash, newline, tab and CR inside pieces are written as \\\\, \\n, \\t, \\r);
 * ``<prefix>.json``: a sidecar with the training options, the corpus stats and
   the model's sha256. Written last, so it marks a complete, matching model.
 
@@ -113,13 +114,22 @@ def _sample(documents: Iterator[str], k: int | None, seed: int) -> list[str]:
     return [doc for _, doc in reservoir]
 
 
+def _escape_piece(piece: str) -> str:
+    """Backslash-escape a piece so it fits on one line of the .vocab file.
+
+    Our pieces can contain newlines and tabs (we keep whitespace), which would
+    break the one-line-per-id layout sentencepiece's own writer assumes.
+    """
+    return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
 def _write_vocab(model_bytes: bytes, path: str) -> None:
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
         for i in range(sp.get_piece_size()):
-            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+            f.write(f"{_escape_piece(sp.id_to_piece(i))}\t{sp.get_score(i):g}\n")
 
 
 def _atomic_write(path: str, data: bytes) -> None:
