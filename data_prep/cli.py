@@ -15,7 +15,9 @@ from data_prep import demo_corpus, shards, train_tokenizer
 from data_prep.demo import prepare_demo
 from data_prep.errors import DataError
 from data_prep.report import print_corpus_stats, print_shard_stats, print_tokenizer_stats
-from data_prep.tokenizer import DEFAULT_EOD_TOKEN
+from data_prep.reader import check_input_files
+from data_prep.tokenizer import DEFAULT_EOD_TOKEN, load_tokenizer
+
 
 def _positive_int(value: str) -> int:
     number = int(value)
@@ -54,9 +56,6 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from data_prep.reader import check_input_files
-    from data_prep.tokenizer import load_tokenizer
-
     check_input_files(args.input)  # cheap; fail on a typo before loading anything
     tokenizer = load_tokenizer(args.tokenizer, eod_token=args.eod_token)
     sidecar = shards.tokenize_to_shards(
@@ -104,7 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    def show_help(args: argparse.Namespace) -> int:
+        # `mesh data` without a subcommand: explain, and fail like argparse does.
+        data.print_help()
+        return 2
+
+    data.set_defaults(func=show_help)
 
     p = commands.add_parser(
         "demo-corpus",
