@@ -178,14 +178,11 @@ def test_demo_corpus_is_deterministic_and_in_pile_format(tmp_path):
     assert (tmp_path / "c" / "train.jsonl.zst").read_bytes() != (tmp_path / "a" / "train.jsonl.zst").read_bytes()
 
 
-def test_demo_corpus_docstrings_are_extracted():
+def test_demo_corpus_docstrings_are_extracted(monkeypatch):
     source = '"""Module doc."""\n\nclass A:\n    """Class doc is long enough."""\n\n    def f(self):\n        """Method doc."""\n'
-    demo_corpus_min = demo_corpus.MIN_DOCS_CHARS
-    try:
-        demo_corpus.MIN_DOCS_CHARS = 0
-        text = demo_corpus.extract_docstrings(source, "pkg.mod")
-    finally:
-        demo_corpus.MIN_DOCS_CHARS = demo_corpus_min
+    assert demo_corpus.extract_docstrings(source, "pkg.mod") is None  # too short to be prose
+    monkeypatch.setattr(demo_corpus, "MIN_DOCS_CHARS", 0)
+    text = demo_corpus.extract_docstrings(source, "pkg.mod")
     assert text == "pkg.mod\n\nModule doc.\n\n\npkg.mod.A\n\nClass doc is long enough.\n\n\npkg.mod.A.f\n\nMethod doc."
     assert demo_corpus.extract_docstrings("def broken(:\n", "x") is None
 
