@@ -198,6 +198,15 @@ def deepspeed_config(
     are passed as objects, not configured here)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
+    if bf16 and zero_stage == 0:
+        # DeepSpeed internals (0.19.8): bf16 without ZeRO selects its legacy
+        # FP16_UnfusedOptimizer, which accumulates gradients in bf16 and runs one
+        # zero-gradient optimizer.step() at construction; with AdamW that advances
+        # the bias-correction step count and applies weight decay once, so every
+        # update is off (measured: first update ~0.74x the fp32 one).
+        raise ValueError("bf16 needs zero_stage >= 1 (DeepSpeed's bf16 path without ZeRO is not AdamW-exact)")
     if micro_batch_size < 1 or grad_accum_steps < 1:
         raise ValueError(
             f"micro_batch_size ({micro_batch_size}) and grad_accum_steps ({grad_accum_steps}) must be >= 1"
@@ -261,8 +270,9 @@ def build_engine(
       that DeepSpeed steps after every optimizer step (not after micro-steps).
     * ``grad_clip`` > 0: clip the global gradient L2 norm; 0 disables.
     * ``grad_accum_steps`` micro-batches of ``micro_batch_size`` per optimizer
-      step and data-parallel rank; ZeRO stage 0-3; ``bf16`` keeps fp32 master
-      weights in the optimizer (the caller casts inputs/model to bf16).
+      step and data-parallel rank; ZeRO stage 0-3; ``bf16`` (ZeRO >= 1 only)
+      keeps fp32 master weights in the ZeRO optimizer (the caller builds the
+      model in bf16).
 
     Requires :func:`pretrain.distributed.init_distributed` first (the engine uses
     its process group and megatron's parallel state through :class:`MegatronMPU`).
