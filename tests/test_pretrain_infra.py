@@ -183,8 +183,12 @@ def _tiny_gpt(**config_overrides):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     values = dict(
+        # The local spec's attention. (megatron exports NVTE_*_ATTN for the chosen
+        # backend and asserts on a mismatch, so tests in one process must agree.)
+        attention_backend=AttnBackend.local,
         num_layers=LAYERS,
         hidden_size=HIDDEN,
         num_attention_heads=HEADS,
