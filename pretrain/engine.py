@@ -12,9 +12,15 @@ Training-step contract (what :func:`build_engine` configures DeepSpeed for)::
         engine.step()  # optimizer + LR scheduler only at the accumulation boundary
 
 so the gradient of one optimizer step is the mean of the micro-batch gradients,
-clipped to ``grad_clip`` (global L2 norm over all model-parallel ranks, each
-replicated parameter counted once), followed by AdamW with the LR of
-:func:`lr_at_step`.
+clipped to ``grad_clip`` (global L2 norm over the model-parallel group), followed
+by AdamW with the LR of :func:`lr_at_step`.
+
+Grad-norm caveat (DeepSpeed internals, read from 0.19.8's source): parameters
+replicated across tensor-parallel ranks are counted once (checked: TP=2 gives
+the single-process norm at ZeRO 0 and 1). At ZeRO 0 and 3 DeepSpeed decides
+"replicated, count here" by the TP x PP rank, so with pipeline parallelism the
+non-tensor-parallel parameters of later stages would be left out of the norm;
+ZeRO 1/2 use the TP rank. Pipeline parallelism through this engine is untested.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
