@@ -152,6 +152,11 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for section in (self.data, self.optim, self.parallel, self.train, self.logging):
             section.validate()
+        if self.train.bf16 and self.parallel.zero_stage == 0:
+            raise ConfigError(
+                "train.bf16=true needs parallel.zero_stage >= 1 (DeepSpeed's ZeRO-0 bf16 path "
+                "accumulates gradients in bf16 and mis-steps AdamW once at start-up)"
+            )
         if self.model.seq_length < 2:
             raise ConfigError("model.seq_length must be >= 2")
         return self

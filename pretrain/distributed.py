@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mesh_model.config import ConfigError
+
 __all__ = [
     "DistributedContext",
     "check_parallel_sizes",
@@ -60,7 +62,7 @@ def check_parallel_sizes(world_size: int, tensor_parallel: int, pipeline_paralle
     """Validates the parallel layout and returns the data-parallel size.
 
     Raises:
-        ValueError: (one line) if a size is not positive or ``world_size`` is not
+        ConfigError (a ValueError): (one line) if a size is not positive or ``world_size`` is not
             divisible by ``tensor_parallel * pipeline_parallel``.
     """
     for name, value in (
@@ -69,12 +71,13 @@ def check_parallel_sizes(world_size: int, tensor_parallel: int, pipeline_paralle
         ("world size", world_size),
     ):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     model_parallel = tensor_parallel * pipeline_parallel
     if world_size % model_parallel != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel ({tensor_parallel}) x "
-            f"pipeline_parallel ({pipeline_parallel}) = {model_parallel}"
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor ({tensor_parallel}) x "
+            f"parallel.pipeline ({pipeline_parallel}) = {model_parallel}; launch a multiple of "
+            f"{model_parallel} processes"
         )
     return world_size // model_parallel
 

@@ -25,11 +25,14 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from data_prep.errors import DataError
 from mesh_model.config import ConfigError
 from mesh_model.model import build_model
 from mesh_model.params import count_parameters
 from pretrain.config import RunConfig
-from pretrain.data import build_datasets, micro_batches
+from pretrain.data import build_datasets, check_prefixes, micro_batches, parse_blend
+from pretrain.distributed import check_parallel_sizes, destroy_distributed, init_distributed
+from pretrain.engine import build_engine
 
 
 @dataclass
@@ -46,18 +49,6 @@ class TrainResult:
         return self.evals[-1] if self.evals else None
 
 
-def data_parallel_size(config: RunConfig, world_size: int) -> int:
-    """DP size implied by the world size; a one-line error when the layout cannot fit."""
-    model_parallel = config.parallel.tensor * config.parallel.pipeline
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = "
-            f"{config.parallel.tensor} x {config.parallel.pipeline}; launch a multiple of "
-            f"{model_parallel} processes"
-        )
-    return world_size // model_parallel
-
-
 def gradient_accumulation_steps(config: RunConfig, dp_size: int) -> int:
     per_step = config.train.micro_batch_size * dp_size
     if config.train.global_batch_size % per_step:
@@ -70,7 +61,7 @@ def gradient_accumulation_steps(config: RunConfig, dp_size: int) -> int:
 
 def check_startup(config: RunConfig, world_size: int) -> None:
     """Everything that can be checked before any process group, model or data exists."""
-    dp = data_parallel_size(config, world_size)
+    dp = check_parallel_sizes(world_size, config.parallel.tensor, config.parallel.pipeline)
     gradient_accumulation_steps(config, dp)
     if config.parallel.pipeline > 1:
         raise ConfigError(
@@ -84,6 +75,13 @@ def check_startup(config: RunConfig, world_size: int) -> None:
         )
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no GPU is visible; use train.device=cpu or auto")
+    if not Path(config.data.tokenizer).is_file():
+        raise DataError(
+            f"data.tokenizer={config.data.tokenizer} does not exist; train one with "
+            "`mesh data train-tokenizer` or point at an existing .model / tokenizer.json"
+        )
+    check_prefixes(parse_blend(config.data.train)[0], "data.train")
+    check_prefixes(parse_blend(config.data.valid)[0], "data.valid")
     run_dir = Path(config.logging.run_dir)
     if (run_dir / "config.yaml").exists():
         raise ConfigError(
@@ -106,8 +104,6 @@ class Trainer:
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         from data_prep.tokenizer import load_tokenizer
-        from pretrain.distributed import init_distributed
-        from pretrain.engine import build_engine
 
         cfg = self.config
         self.ctx = init_distributed(
@@ -315,8 +311,6 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        from pretrain.distributed import destroy_distributed
-
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.wandb_run is not None:

@@ -58,8 +58,8 @@ def test_indivisible_world_size_is_a_one_line_value_error():
     message = str(err.value)
     assert "\n" not in message
     assert "world size 6" in message
-    assert "tensor_parallel (4)" in message and "pipeline_parallel (1)" in message
-    with pytest.raises(ValueError, match=r"tensor_parallel \(2\) x pipeline_parallel \(2\)"):
+    assert "parallel.tensor (4)" in message and "parallel.pipeline (1)" in message
+    with pytest.raises(ValueError, match=r"parallel.tensor \(2\) x parallel.pipeline \(2\)"):
         check_parallel_sizes(6, 2, 2)
     with pytest.raises(ValueError, match="positive"):
         check_parallel_sizes(4, 0, 1)
@@ -69,7 +69,7 @@ def test_init_rejects_bad_layout_before_initialising_anything(single_process_env
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tensor_parallel \(2\)"):
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by parallel.tensor \(2\)"):
         init_distributed(tensor_parallel=2, pipeline_parallel=1, seed=0)
     assert not dist.is_initialized()
     assert not parallel_state.model_parallel_is_initialized()
