@@ -314,7 +314,7 @@ class Trainer:
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()
         if self.ctx is not None:
             destroy_distributed()
 
