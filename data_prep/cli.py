@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-tokenizer",
         help="train a SentencePiece tokenizer on JSON-lines documents",
         description=(
-            "Train a SentencePiece model and write PREFIX.model, PREFIX.vocab and PREFIX.json "
+            "Train a SentencePiece model and write PREFIX.model, PREFIX.vocab and PREFIX.meta.json "
             "(options and sha256). Special ids: pad 0, unk 1, bos 2, eos 3 (end of document). "
             "Lossless: identity normalisation, whitespace kept, byte fallback."
         ),

@@ -4,7 +4,7 @@ corpus (stdlib JSON lines) -> sentencepiece tokenizer -> train/val shards, laid
 out in one directory::
 
     DIR/corpus/{train,val}.jsonl.zst, corpus.json
-    DIR/tokenizer.model (+ .vocab, .json sidecar)
+    DIR/tokenizer.model (+ .vocab, .meta.json sidecar)
     DIR/train_text_document.{bin,idx,json}
     DIR/val_text_document.{bin,idx,json}
     DIR/manifest.json     paths, vocab size, EOD/pad ids, token counts
@@ -74,7 +74,7 @@ def prepare_demo(
     #    not shape the vocabulary it is evaluated with.
     tok_sidecar = None
     if not rebuilt and train_tokenizer.tokenizer_is_complete(tok_prefix):
-        with open(tok_prefix + ".json", encoding="utf-8") as f:
+        with open(tok_prefix + ".meta.json", encoding="utf-8") as f:
             tok_sidecar = json.load(f)
         options = tok_sidecar.get("options", {})
         if options.get("requested_vocab_size") != vocab_size or options.get("seed") != seed:

@@ -192,8 +192,8 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
             model = _sentencepiece_sidecar_model(path)
             if model is not None:
-                # "<prefix>.json" of a sentencepiece model is named like an HF
-                # tokenizer.json (prefix "tokenizer"): an easy mix-up to make.
+                # "<prefix>.meta.json" of a sentencepiece model ends in .json like an
+                # HF tokenizer.json: an easy mix-up to make.
                 raise DataError(
                     f"{path!r} is the metadata sidecar of sentencepiece model {model!r}, "
                     "not a Hugging Face tokenizer; pass the .model file instead"

@@ -5,7 +5,7 @@ Writes three files for ``output_prefix``:
 * ``<prefix>.model``: the SentencePiece model, what ``load_tokenizer`` reads;
 * ``<prefix>.vocab``: one ``piece<TAB>score`` line per id, for humans
   (backslash, newline, tab and CR inside pieces are written as \\\\, \\n, \\t, \\r);
-* ``<prefix>.json``: a sidecar with the training options, the corpus stats and
+* ``<prefix>.meta.json``: a sidecar with the training options, the corpus stats and
   the model's sha256. Written last, so it marks a complete, matching model.
 
 Choices, and why:
@@ -220,7 +220,7 @@ def train_sentencepiece(
     model_bytes = model_buffer.getvalue()
     seconds = time.time() - started
 
-    model_path, vocab_path, sidecar_path = (output_prefix + ext for ext in (".model", ".vocab", ".json"))
+    model_path, vocab_path, sidecar_path = (output_prefix + ext for ext in (".model", ".vocab", ".meta.json"))
     # Remove a previous sidecar first: until the new one exists, the model on
     # disk is not vouched for (a crash mid-way must not pair old and new files).
     if os.path.exists(sidecar_path):
@@ -261,7 +261,7 @@ def train_sentencepiece(
 def tokenizer_is_complete(output_prefix: str | os.PathLike) -> bool:
     """True when ``<prefix>.model`` exists and its sidecar vouches for it (same sha256)."""
     output_prefix = os.fspath(output_prefix)
-    model_path, sidecar_path = output_prefix + ".model", output_prefix + ".json"
+    model_path, sidecar_path = output_prefix + ".model", output_prefix + ".meta.json"
     if not (os.path.isfile(model_path) and os.path.isfile(sidecar_path)):
         return False
     try:

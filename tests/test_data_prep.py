@@ -252,10 +252,10 @@ def test_load_tokenizer_errors(tmp_path, corpus_and_tokenizer):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="cannot load sentencepiece model"):
         load_tokenizer(tmp_path / "junk.model")
-    # The sentencepiece sidecar is called <prefix>.json: point at the .model.
+    # The sentencepiece sidecar is <prefix>.meta.json: the error points at the .model.
     _, _, prefix, _ = corpus_and_tokenizer
     with pytest.raises(DataError, match="sidecar of sentencepiece model"):
-        load_tokenizer(prefix + ".json")
+        load_tokenizer(prefix + ".meta.json")
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,7 @@ def test_routers_are_queried_per_token_with_the_core_input():
     trace: list = []
     recurrence(prelude, emb, core, trace=trace)
 
+    @torch.no_grad()
     def weights(router, query):
         out = torch.empty(s, b, 4, dtype=torch.float64)
         for i in range(s):
