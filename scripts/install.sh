@@ -35,8 +35,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 echo "[install] installing mesh-pretrain and its dependencies (about 2 minutes on a fresh machine)"
-"${PIP[@]}" install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-"$VENV/bin/python" -c "import torch, megatron.core, deepspeed, mesh_model" \
-  || { echo "[install] ERROR: the installed environment does not import; see pip output above" >&2; exit 1; }
+"${PIP[@]}" install -e ".[dev]"
+if ! out=$("$VENV/bin/python" -c "import torch, megatron.core, deepspeed, mesh_model.model" 2>&1); then
+  echo "$out" >&2
+  echo "[install] ERROR: the installed environment does not import (see above)" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
 echo "[install] done"
