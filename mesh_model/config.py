@@ -114,6 +114,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    init_seed: int = 1234
+    """Each layer, the embedding, the head and the routers draw their initial weights
+    from their own seed derived from this one, so initialisation does not depend on
+    the parallel layout."""
 
     # ----------------------------------------------------------------------
     split: LayerSplit = field(init=False, repr=False, compare=False)

@@ -20,6 +20,7 @@ parallel linear inside `SelfAttention` / `MLP`, and `pre_process` /
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -90,21 +91,44 @@ def build_transformer_config(
 
 
 class LayerStack(MegatronModule):
-    """A block of consecutive GPT-NeoX layers (prelude, core or coda)."""
+    """A block of consecutive GPT-NeoX layers (prelude, core or coda).
+
+    Layers are keyed by their index in the block (`layers.3`), not by their
+    position on this pipeline stage, so parameter names are the same at every
+    parallel layout. Each layer is initialised from its own seed (`init_seed`
+    and its layer number), so its initial weights do not depend on which stage
+    builds it either.
+    """
 
     def __init__(
-        self, config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, first_layer_number: int
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        indices: range,
+        first_layer_number: int,
+        init_seed: int,
     ):
         super().__init__(config=config)
-        self.layers = nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=first_layer_number + i)
-            for i in range(num_layers)
-        )
+        self.layers = nn.ModuleDict()
+        for i in indices:
+            layer_number = first_layer_number + i
+            with seeded(init_seed, layer_number):
+                self.layers[str(i)] = build_module(layer_spec, config=config, layer_number=layer_number)
 
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None):
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, indices=None):
+        """Runs the layers in order, or only those in `indices` (a pipeline stage's share)."""
+        for key, layer in self.layers.items():
+            if indices is None or int(key) in indices:
+                hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
         return hidden_states
+
+
+@contextlib.contextmanager
+def seeded(init_seed: int, key: int):
+    """Initialise one module from its own seed, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed * 100_003 + key)
+        yield
 
 
 class MeshLanguageModel(LanguageModule):
@@ -128,12 +152,13 @@ class MeshLanguageModel(LanguageModule):
         split = model_config.split
 
         if self.pre_process:
-            self.embedding = LanguageModelEmbedding(
-                config=config,
-                vocab_size=model_config.padded_vocab_size,
-                max_sequence_length=model_config.seq_length,
-                position_embedding_type="rope",
-            )
+            with seeded(model_config.init_seed, -1):
+                self.embedding = LanguageModelEmbedding(
+                    config=config,
+                    vocab_size=model_config.padded_vocab_size,
+                    max_sequence_length=model_config.seq_length,
+                    position_embedding_type="rope",
+                )
         self.embedding_scale = math.sqrt(model_config.hidden_size) if model_config.scale_embeddings else 1.0
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=model_config.head_dim,
@@ -143,10 +168,12 @@ class MeshLanguageModel(LanguageModule):
         )
 
         # Layer numbers are unique per *distinct* layer: prelude 1.., core next, coda last.
-        self.prelude = LayerStack(config, layer_spec, split.prelude, 1)
-        self.core = LayerStack(config, layer_spec, split.core, 1 + split.prelude)
-        self.coda = LayerStack(config, layer_spec, split.coda, 1 + split.prelude + split.core)
-        self.recurrence = build_recurrence(model_config)
+        seed = model_config.init_seed
+        self.prelude = LayerStack(config, layer_spec, range(split.prelude), 1, seed)
+        self.core = LayerStack(config, layer_spec, range(split.core), 1 + split.prelude, seed)
+        self.coda = LayerStack(config, layer_spec, range(split.coda), 1 + split.prelude + split.core, seed)
+        with seeded(seed, 0):
+            self.recurrence = build_recurrence(model_config)
 
         if self.post_process:
             self.final_layernorm = build_module(
@@ -155,16 +182,17 @@ class MeshLanguageModel(LanguageModule):
                 hidden_size=config.hidden_size,
                 eps=config.layernorm_epsilon,
             )
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size,
-                model_config.padded_vocab_size,
-                config=config,
-                init_method=config.init_method,
-                bias=False,
-                skip_bias_add=False,
-                gather_output=False,
-                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
-            )
+            with seeded(model_config.init_seed, -2):
+                self.output_layer = ColumnParallelLinear(
+                    config.hidden_size,
+                    model_config.padded_vocab_size,
+                    config=config,
+                    init_method=config.init_method,
+                    bias=False,
+                    skip_bias_add=False,
+                    gather_output=False,
+                    skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                )
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
 
