@@ -20,9 +20,8 @@ parallel linear inside `SelfAttention` / `MLP`, and `pre_process` /
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,9 @@ from torch import nn
 
 from mesh_model.config import ModelConfig
 from mesh_model.layer import default_backend, neox_layer_spec
-from mesh_model.recurrence import build_recurrence
+from mesh_model.recurrence import RecurrentState, build_recurrence
+from mesh_model.seeding import seeded
+from mesh_model.unrolled import live_fields, pack, partition, unpack, unrolled_ops
 
 
 def build_transformer_config(
@@ -91,20 +92,19 @@ def build_transformer_config(
 
 
 class LayerStack(MegatronModule):
-    """A block of consecutive GPT-NeoX layers (prelude, core or coda).
+    """The layers of one block (prelude, core or coda) that this pipeline stage runs.
 
     Layers are keyed by their index in the block (`layers.3`), not by their
-    position on this pipeline stage, so parameter names are the same at every
-    parallel layout. Each layer is initialised from its own seed (`init_seed`
-    and its layer number), so its initial weights do not depend on which stage
-    builds it either.
+    position on this stage, so parameter names are the same at every parallel
+    layout. Each layer is initialised from its own seed (`init_seed` and its
+    layer number), so its initial weights do not depend on which stage builds it.
     """
 
     def __init__(
         self,
         config: TransformerConfig,
         layer_spec: ModuleSpec,
-        indices: range,
+        indices: Iterable[int],
         first_layer_number: int,
         init_seed: int,
     ):
@@ -115,44 +115,50 @@ class LayerStack(MegatronModule):
             with seeded(init_seed, layer_number):
                 self.layers[str(i)] = build_module(layer_spec, config=config, layer_number=layer_number)
 
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, indices=None):
-        """Runs the layers in order, or only those in `indices` (a pipeline stage's share)."""
-        for key, layer in self.layers.items():
-            if indices is None or int(key) in indices:
-                hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
-        return hidden_states
-
-
-@contextlib.contextmanager
-def seeded(init_seed: int, key: int):
-    """Initialise one module from its own seed, leaving the global RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed * 100_003 + key)
-        yield
-
 
 class MeshLanguageModel(LanguageModule):
-    """A GPT-NeoX language model whose middle block may loop, with MeSH or a fixed recurrence."""
+    """A GPT-NeoX language model whose middle block may loop, with MeSH or a fixed recurrence.
+
+    With pipeline parallelism each stage builds this class for its share of the
+    unrolled program (see unrolled.py): `pipeline_rank` / `pipeline_size` pick
+    the share, the first stage embeds, the last one has the head.
+    """
 
     def __init__(
         self,
         config: TransformerConfig,
         model_config: ModelConfig,
         backend: Optional[BackendSpecProvider] = None,
-        pre_process: bool = True,
-        post_process: bool = True,
+        pipeline_rank: int = 0,
+        pipeline_size: int = 1,
+        pipeline_layout: Optional[list[int]] = None,
     ):
         super().__init__(config=config)
         backend = backend or default_backend()
         self.model_config = model_config
-        self.pre_process = pre_process
-        self.post_process = post_process
+        self.pre_process = pipeline_rank == 0
+        self.post_process = pipeline_rank == pipeline_size - 1
         self.share_embeddings_and_output_weights = not model_config.untie_embeddings
         layer_spec = neox_layer_spec(backend, model_config.parallel_residual)
-        split = model_config.split
+        split, seed = model_config.split, model_config.init_seed
+
+        # This stage's share of the unrolled program, and what crosses its boundaries.
+        program = unrolled_ops(split)
+        stages = partition(program, pipeline_size, pipeline_layout)
+        self.ops = [program[i] for i in stages[pipeline_rank]]
+        self.recurrence = None
+        if split.is_recursive:
+            router_steps = sorted(
+                {0 for op in self.ops if op.kind == "begin"}
+                | {op.loop + 1 for op in self.ops if op.kind == "loop_end"}
+            )
+            self.recurrence = build_recurrence(model_config, router_steps)
+        fields = self.recurrence.fields() if self.recurrence is not None else None
+        self.recv_fields = [] if self.pre_process else live_fields(program, stages[pipeline_rank].start, fields)
+        self.send_fields = [] if self.post_process else live_fields(program, stages[pipeline_rank].stop, fields)
 
         if self.pre_process:
-            with seeded(model_config.init_seed, -1):
+            with seeded(seed, -1):
                 self.embedding = LanguageModelEmbedding(
                     config=config,
                     vocab_size=model_config.padded_vocab_size,
@@ -168,12 +174,12 @@ class MeshLanguageModel(LanguageModule):
         )
 
         # Layer numbers are unique per *distinct* layer: prelude 1.., core next, coda last.
-        seed = model_config.init_seed
-        self.prelude = LayerStack(config, layer_spec, range(split.prelude), 1, seed)
-        self.core = LayerStack(config, layer_spec, range(split.core), 1 + split.prelude, seed)
-        self.coda = LayerStack(config, layer_spec, range(split.coda), 1 + split.prelude + split.core, seed)
-        with seeded(seed, 0):
-            self.recurrence = build_recurrence(model_config)
+        def block_indices(block: str) -> list[int]:
+            return sorted({op.index for op in self.ops if op.kind == "layer" and op.block == block})
+
+        self.prelude = LayerStack(config, layer_spec, block_indices("prelude"), 1, seed)
+        self.core = LayerStack(config, layer_spec, block_indices("core"), 1 + split.prelude, seed)
+        self.coda = LayerStack(config, layer_spec, block_indices("coda"), 1 + split.prelude + split.core, seed)
 
         if self.post_process:
             self.final_layernorm = build_module(
@@ -182,7 +188,7 @@ class MeshLanguageModel(LanguageModule):
                 hidden_size=config.hidden_size,
                 eps=config.layernorm_epsilon,
             )
-            with seeded(model_config.init_seed, -2):
+            with seeded(seed, -2):
                 self.output_layer = ColumnParallelLinear(
                     config.hidden_size,
                     model_config.padded_vocab_size,
@@ -198,10 +204,17 @@ class MeshLanguageModel(LanguageModule):
 
     # ------------------------------------------------------------------ pipeline
     def set_input_tensor(self, input_tensor) -> None:
-        """Receives the previous pipeline stage's output (megatron schedule API)."""
+        """Receives the previous pipeline stage's packed state (megatron schedule API)."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
+
+    def packed_width(self, which: str) -> int:
+        """Last-dim width of the tensor this stage receives ("recv") or sends ("send")."""
+        from mesh_model.unrolled import packed_width
+
+        names = self.recv_fields if which == "recv" else self.send_fields
+        return packed_width(names, self.model_config.hidden_size, self.model_config.buffer_slots or 0)
 
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -219,29 +232,34 @@ class MeshLanguageModel(LanguageModule):
     ) -> torch.Tensor:
         """Per-token loss [b, s] when `labels` are given, else logits [b, s, V/tp].
 
-        `trace`, if a list, collects the recurrence's intermediate states (for
-        diagnostics and tests).
+        A stage that is not the last returns its packed state instead. `trace`, if a
+        list, collects the recurrence's intermediate states (diagnostics, tests).
         """
         if self.pre_process:
             embeddings = self.embed(input_ids, position_ids)
+            state = RecurrentState(hidden=embeddings, embeddings=embeddings)
         else:
-            embeddings = self.input_tensor
-        seq_len = embeddings.shape[0]
-        rotary_pos_emb = self.rotary_pos_emb(seq_len)
+            state = unpack(self.input_tensor, self.recv_fields, self.model_config.hidden_size,
+                           self.model_config.buffer_slots or 0)
+        state.trace = trace
+        rotary_pos_emb = self.rotary_pos_emb(state.hidden.shape[0])
 
-        def run(block: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
-            return block(hidden, attention_mask, rotary_pos_emb)
-
-        hidden = run(self.prelude, embeddings)
-        if self.recurrence is not None:
-            hidden = self.recurrence(
-                hidden, embeddings, core_step=lambda h: run(self.core, h), trace=trace
-            )
-        hidden = run(self.coda, hidden)
+        # The unrolled program: layers of prelude / core (once per loop) / coda, and the
+        # recurrence events between them (see unrolled.py and recurrence.py).
+        for op in self.ops:
+            if op.kind == "layer":
+                layer = getattr(self, op.block).layers[str(op.index)]
+                state.hidden = layer(state.hidden, attention_mask, rotary_pos_emb=rotary_pos_emb)
+            elif op.kind == "begin":
+                self.recurrence.begin(state)
+            elif op.kind == "loop_start":
+                self.recurrence.loop_start(op.loop, state)
+            else:
+                self.recurrence.loop_end(op.loop, state)
 
         if not self.post_process:
-            return hidden
-        hidden = self.final_layernorm(hidden)
+            return pack(state, self.send_fields)
+        hidden = self.final_layernorm(state.hidden)
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=output_weight)  # [s, b, V/tp]
         if labels is None:
@@ -254,12 +272,12 @@ def build_model(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    pipeline_rank: int = 0,
+    pipeline_layout: Optional[list[int]] = None,
     params_dtype: torch.dtype = torch.float32,
     use_transformer_engine: Optional[bool] = None,
-    pre_process: bool = True,
-    post_process: bool = True,
 ) -> MeshLanguageModel:
-    """Builds the model on the current parallel state (parallel_state must be initialised)."""
+    """Builds this rank's model (its pipeline stage) on the current parallel state."""
     transformer_config = build_transformer_config(
         model_config,
         tensor_parallel=tensor_parallel,
@@ -270,6 +288,7 @@ def build_model(
         transformer_config,
         model_config,
         backend=default_backend(use_transformer_engine),
-        pre_process=pre_process,
-        post_process=post_process,
+        pipeline_rank=pipeline_rank,
+        pipeline_size=pipeline_parallel,
+        pipeline_layout=pipeline_layout,
     )

@@ -23,6 +23,13 @@ Each router is Linear(h -> B, bias) followed by a softmax over the B slots, per
 token. There are N_loop + 1 write/read pairs. Writes are additive and soft:
 nothing is ever overwritten. The coda receives h(N_loop), the final read.
 
+A recurrence is written as three events around the core block, so that the
+same code runs whole (`forward`) or cut into pipeline stages (see unrolled.py):
+
+    begin(state)          after the prelude              (MeSH: the transitional cycle)
+    loop_start(t, state)  before the core, loop t        (remember h(t))
+    loop_end(t, state)    after the core, loop t         (compose h(t+1))
+
 Choices the paper leaves open, and what this implementation does:
 - Router init: truncated normal (+-2 std) with std sqrt(2 / (5 h)) and zero bias
   (`ModelConfig.router_init_std` overrides the std). At init every router is close
@@ -40,28 +47,53 @@ Choices the paper leaves open, and what this implementation does:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from mesh_model.config import ModelConfig
+from mesh_model.seeding import seeded
 
 CoreStep = Callable[[torch.Tensor], torch.Tensor]
 """Applies the shared core block once: [s, b, h] -> [s, b, h]."""
 
 
-class FixedRecurrence(nn.Module):
-    """base / residual / anchor / anchor_emb: h(t+1) = f_core(h(t)) + h_sup(t)."""
+@dataclass
+class RecurrentState:
+    """What flows along the unrolled graph, and across pipeline stages."""
 
-    def __init__(self, variant: str, num_loops: int):
-        super().__init__()
-        assert variant in ("base", "residual", "anchor", "anchor_emb"), variant
-        self.variant = variant
-        self.num_loops = num_loops
+    hidden: torch.Tensor  # [s, b, h] the current activation
+    embeddings: Optional[torch.Tensor] = None  # [s, b, h] h_emb
+    anchor: Optional[torch.Tensor] = None  # [s, b, h] h0 = p (anchor)
+    loop_input: Optional[torch.Tensor] = None  # [s, b, h] h(t), the current loop's core input
+    buffer: Optional[torch.Tensor] = None  # [B, s, b, h] the MeSH memory
+    trace: Optional[list] = None  # if a list, events append their intermediate tensors
 
-    def supplement(self, h: torch.Tensor, h0: torch.Tensor, h_emb: torch.Tensor):
-        return {"base": None, "residual": h, "anchor": h0, "anchor_emb": h_emb}[self.variant]
+
+# Field names of RecurrentState that an event reads ("uses") or writes ("defines").
+# unrolled.py uses them to decide what must cross a pipeline-stage boundary.
+EventFields = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+class Recurrence(nn.Module):
+    """Base class: the events plus the whole-loop composition."""
+
+    num_loops: int
+
+    def fields(self) -> EventFields:
+        """{event: (fields used, fields defined)} for "begin", "loop_start", "loop_end"."""
+        raise NotImplementedError
+
+    def begin(self, state: RecurrentState) -> None:
+        raise NotImplementedError
+
+    def loop_start(self, t: int, state: RecurrentState) -> None:
+        raise NotImplementedError
+
+    def loop_end(self, t: int, state: RecurrentState) -> None:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -70,26 +102,72 @@ class FixedRecurrence(nn.Module):
         core_step: CoreStep,
         trace: Optional[list] = None,
     ) -> torch.Tensor:
-        h0 = prelude_output
-        h = h0
+        """The whole recurrence: begin, then N_loop x (loop_start, core, loop_end)."""
+        state = RecurrentState(hidden=prelude_output, embeddings=embeddings, trace=trace)
+        self.begin(state)
         for t in range(self.num_loops):
-            h_sup = self.supplement(h, h0, embeddings)
-            h = core_step(h) if h_sup is None else core_step(h) + h_sup
-            if trace is not None:
-                trace.append({"step": t + 1, "hidden": h})
-        return h
+            self.loop_start(t, state)
+            state.hidden = core_step(state.hidden)
+            self.loop_end(t, state)
+        return state.hidden
+
+
+class FixedRecurrence(Recurrence):
+    """base / residual / anchor / anchor_emb: h(t+1) = f_core(h(t)) + h_sup(t)."""
+
+    SUPPLEMENT = {"base": None, "residual": "loop_input", "anchor": "anchor", "anchor_emb": "embeddings"}
+
+    def __init__(self, variant: str, num_loops: int):
+        super().__init__()
+        assert variant in self.SUPPLEMENT, variant
+        self.variant = variant
+        self.num_loops = num_loops
+
+    def fields(self) -> EventFields:
+        supplement = self.SUPPLEMENT[self.variant]
+        return {
+            "begin": ((), ("anchor",) if self.variant == "anchor" else ()),
+            "loop_start": ((), ("loop_input",) if self.variant == "residual" else ()),
+            "loop_end": ((supplement,) if supplement else (), ()),
+        }
+
+    def supplement(self, h: torch.Tensor, h0: torch.Tensor, h_emb: torch.Tensor):
+        return {"base": None, "residual": h, "anchor": h0, "anchor_emb": h_emb}[self.variant]
+
+    def begin(self, state: RecurrentState) -> None:
+        if self.variant == "anchor":
+            state.anchor = state.hidden  # h0 = p
+
+    def loop_start(self, t: int, state: RecurrentState) -> None:
+        if self.variant == "residual":
+            state.loop_input = state.hidden  # h(t)
+
+    def loop_end(self, t: int, state: RecurrentState) -> None:
+        h_sup = self.supplement(state.loop_input, state.anchor, state.embeddings)
+        if h_sup is not None:
+            state.hidden = state.hidden + h_sup  # f_core(h(t)) + h_sup(t)
+        if state.trace is not None:
+            state.trace.append({"step": t + 1, "hidden": state.hidden})
 
 
 class MeshRouters(nn.Module):
-    """The N_loop + 1 (write, read) router pairs; pair 0 is the transitional cycle."""
+    """The (write, read) router pairs, keyed by step; step 0 is the transitional cycle.
 
-    def __init__(self, hidden_size: int, num_slots: int, num_steps: int, init_std: float):
+    A pipeline stage builds only the steps it runs, so `steps` may be a subset.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_slots: int, steps: Iterable[int], init_std: float, init_seed: int = 0
+    ):
         super().__init__()
-        self.write = nn.ModuleList(nn.Linear(hidden_size, num_slots) for _ in range(num_steps))
-        self.read = nn.ModuleList(nn.Linear(hidden_size, num_slots) for _ in range(num_steps))
-        for linear in (*self.write, *self.read):
-            nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
-            nn.init.zeros_(linear.bias)
+        self.write, self.read = nn.ModuleDict(), nn.ModuleDict()
+        for step in steps:
+            with seeded(init_seed, -(1000 + step)):  # a step's routers init the same on any stage
+                for routers in (self.write, self.read):
+                    linear = nn.Linear(hidden_size, num_slots)
+                    nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+                    nn.init.zeros_(linear.bias)
+                    routers[str(step)] = linear
 
     @staticmethod
     def _softmax(router: nn.Linear, query: torch.Tensor) -> torch.Tensor:
@@ -98,20 +176,27 @@ class MeshRouters(nn.Module):
 
     def forward(self, step: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write and read weights of `step` for `query` [s, b, h]: two [s, b, B] tensors."""
-        return self._softmax(self.write[step], query), self._softmax(self.read[step], query)
+        key = str(step)
+        return self._softmax(self.write[key], query), self._softmax(self.read[key], query)
 
 
-class MeshRecurrence(nn.Module):
+class MeshRecurrence(Recurrence):
     """The MeSH buffer and its step-wise routers around the shared core."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, router_steps: Optional[Iterable[int]] = None):
         super().__init__()
         assert config.variant == "mesh" and config.buffer_slots is not None
         self.num_loops = config.split.loops
         self.num_slots = config.buffer_slots
-        self.routers = MeshRouters(
-            config.hidden_size, self.num_slots, self.num_loops + 1, config.router_std
-        )
+        steps = range(self.num_loops + 1) if router_steps is None else router_steps
+        self.routers = MeshRouters(config.hidden_size, self.num_slots, steps, config.router_std, config.init_seed)
+
+    def fields(self) -> EventFields:
+        return {
+            "begin": (("embeddings",), ("buffer",)),
+            "loop_start": ((), ("loop_input",)),
+            "loop_end": (("loop_input", "buffer"), ("buffer",)),
+        }
 
     def init_buffer(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, s, b, h]: slot 0 = the embeddings, the other slots zero."""
@@ -128,39 +213,32 @@ class MeshRecurrence(nn.Module):
         """sum_b M_b * w_b: [s, b, h]."""
         return (buffer * weights.permute(2, 0, 1).unsqueeze(-1)).sum(dim=0)
 
-    def forward(
-        self,
-        prelude_output: torch.Tensor,
-        embeddings: torch.Tensor,
-        core_step: CoreStep,
-        trace: Optional[list] = None,
-    ) -> torch.Tensor:
-        buffer = self.init_buffer(embeddings)
+    def _step(self, step: int, state: RecurrentState, query: torch.Tensor, value: torch.Tensor) -> None:
+        """Write `value` into the buffer and read the next hidden state, routed by `query`."""
+        w_write, w_read = self.routers(step, query)
+        state.buffer = self.write(state.buffer, value, w_write)
+        state.hidden = self.read(state.buffer, w_read)
+        if state.trace is not None:
+            state.trace.append(
+                {"step": step, "buffer": state.buffer, "hidden": state.hidden, "write": w_write, "read": w_read}
+            )
 
-        # Transitional cycle: store the prelude output, read the first core input.
-        w_write, w_read = self.routers(0, prelude_output)
-        buffer = self.write(buffer, prelude_output, w_write)
-        h = self.read(buffer, w_read)
-        if trace is not None:
-            trace.append({"step": 0, "buffer": buffer, "hidden": h, "write": w_write, "read": w_read})
+    def begin(self, state: RecurrentState) -> None:
+        # Transitional cycle: store the prelude output p, read the first core input h(0).
+        state.buffer = self.init_buffer(state.embeddings)
+        self._step(0, state, query=state.hidden, value=state.hidden)
 
-        for t in range(self.num_loops):
-            # Both routers of this step are queried with the core's *input* h(t).
-            w_write, w_read = self.routers(t + 1, h)
-            core_output = core_step(h)
-            buffer = self.write(buffer, core_output, w_write)
-            h = self.read(buffer, w_read)
-            if trace is not None:
-                trace.append(
-                    {"step": t + 1, "buffer": buffer, "hidden": h, "write": w_write, "read": w_read}
-                )
-        return h
+    def loop_start(self, t: int, state: RecurrentState) -> None:
+        state.loop_input = state.hidden  # h(t): both routers of this step are queried with it
+
+    def loop_end(self, t: int, state: RecurrentState) -> None:
+        self._step(t + 1, state, query=state.loop_input, value=state.hidden)
 
 
-def build_recurrence(config: ModelConfig) -> Optional[nn.Module]:
+def build_recurrence(config: ModelConfig, router_steps: Optional[Iterable[int]] = None) -> Optional[Recurrence]:
     """The recurrence for `config.variant`; None for vanilla (no loop)."""
     if config.variant == "vanilla":
         return None
     if config.variant == "mesh":
-        return MeshRecurrence(config)
+        return MeshRecurrence(config, router_steps)
     return FixedRecurrence(config.variant, config.split.loops)

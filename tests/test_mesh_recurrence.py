@@ -39,7 +39,7 @@ def test_buffer_follows_the_equations_with_constant_routers():
     }
     with torch.no_grad():
         for (step, kind), logits in biases.items():
-            router = getattr(recurrence.routers, kind)[step]
+            router = getattr(recurrence.routers, kind)[str(step)]
             router.weight.zero_()
             router.bias.copy_(torch.tensor(logits))
 
@@ -95,11 +95,11 @@ def test_routers_are_queried_per_token_with_the_core_input():
         return out
 
     routers = recurrence.routers
-    w0, r0 = weights(routers.write[0], prelude), weights(routers.read[0], prelude)
+    w0, r0 = weights(routers.write["0"], prelude), weights(routers.read["0"], prelude)
     buffer0 = torch.stack([emb, torch.zeros_like(emb), torch.zeros_like(emb), torch.zeros_like(emb)])
     buffer0 = buffer0 + w0.permute(2, 0, 1)[..., None] * prelude
     h0 = (buffer0 * r0.permute(2, 0, 1)[..., None]).sum(0)
-    w1, r1 = weights(routers.write[1], h0), weights(routers.read[1], h0)
+    w1, r1 = weights(routers.write["1"], h0), weights(routers.read["1"], h0)
     buffer1 = buffer0 + w1.permute(2, 0, 1)[..., None] * core(h0)
     h1 = (buffer1 * r1.permute(2, 0, 1)[..., None]).sum(0)
 
@@ -135,7 +135,7 @@ def force_one_hot(recurrence: MeshRecurrence, choices: dict[tuple[int, str], int
     """Router logits forced to one-hot: zero weights, +BIG bias on the chosen slot."""
     with torch.no_grad():
         for (step, kind), slot in choices.items():
-            router = getattr(recurrence.routers, kind)[step]
+            router = getattr(recurrence.routers, kind)[str(step)]
             router.weight.zero_()
             router.bias.fill_(-BIG)
             router.bias[slot] = BIG
