@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -136,6 +137,7 @@ class MeshLanguageModel(LanguageModule):
         super().__init__(config=config)
         backend = backend or default_backend()
         self.model_config = model_config
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for
         self.pre_process = pipeline_rank == 0
         self.post_process = pipeline_rank == pipeline_size - 1
         self.share_embeddings_and_output_weights = not model_config.untie_embeddings

@@ -77,6 +77,8 @@ class ParallelConfig:
     pipeline: int = 1
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (0-3) for optimizer state / gradients / parameters."""
+    pipeline_layout: list[int] = field(default_factory=list)
+    """Layers of the unrolled graph per pipeline stage, e.g. [7, 6, 6, 5]; empty = even."""
 
     def validate(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:

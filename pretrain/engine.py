@@ -199,6 +199,7 @@ def deepspeed_config(
     grad_clip: float,
     zero_stage: int,
     bf16: bool,
+    external_accumulation: bool = False,
 ) -> dict:
     """The DeepSpeed config dict :func:`build_engine` uses (optimizer and scheduler
     are passed as objects, not configured here)."""
@@ -217,7 +218,7 @@ def deepspeed_config(
         raise ValueError(
             f"micro_batch_size ({micro_batch_size}) and grad_accum_steps ({grad_accum_steps}) must be >= 1"
         )
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         # 0 disables clipping.
@@ -232,6 +233,12 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if external_accumulation:
+        # A pipeline schedule runs forward/backward itself (already averaging over its
+        # micro-batches): gradients stay local until engine.step(), which is then the
+        # accumulation boundary and reduces them over data parallel once.
+        config["managed_gradient_accumulation"] = False
+    return config
 
 
 def _ensure_torch_extensions_dir() -> None:
@@ -265,6 +272,7 @@ def build_engine(
     zero_stage: int,
     bf16: bool,
     no_decay_filter: Callable[[str, torch.nn.Parameter], bool] = default_no_decay,
+    external_accumulation: bool = False,
 ):
     """Wraps ``model`` in a DeepSpeed engine; returns ``(engine, scheduler)``.
 
@@ -279,6 +287,8 @@ def build_engine(
       step and data-parallel rank; ZeRO stage 0-3; ``bf16`` (ZeRO >= 1 only)
       keeps fp32 master weights in the ZeRO optimizer (the caller builds the
       model in bf16).
+    * ``external_accumulation``: a pipeline schedule drives forward/backward;
+      the engine only steps (see pretrain/pipeline.py).
 
     Requires :func:`pretrain.distributed.init_distributed` first (the engine uses
     its process group and megatron's parallel state through :class:`MegatronMPU`).
@@ -290,6 +300,7 @@ def build_engine(
         grad_clip=grad_clip,
         zero_stage=zero_stage,
         bf16=bf16,
+        external_accumulation=external_accumulation,
     )
     if not dist.is_initialized():
         raise RuntimeError("build_engine needs torch.distributed; call init_distributed() first")

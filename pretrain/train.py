@@ -32,7 +32,9 @@ from mesh_model.params import count_parameters
 from pretrain.config import RunConfig
 from pretrain.data import build_datasets, check_prefixes, micro_batches, parse_blend
 from pretrain.distributed import check_parallel_sizes, destroy_distributed, init_distributed
+from mesh_model.unrolled import partition, unrolled_ops
 from pretrain.engine import build_engine
+from pretrain.pipeline import ReplicatedCoreGrads, ScheduleModel, check_pipeline_config, run_schedule
 
 
 @dataclass
@@ -63,11 +65,9 @@ def check_startup(config: RunConfig, world_size: int) -> None:
     """Everything that can be checked before any process group, model or data exists."""
     dp = check_parallel_sizes(world_size, config.parallel.tensor, config.parallel.pipeline)
     gradient_accumulation_steps(config, dp)
-    if config.parallel.pipeline > 1:
-        raise ConfigError(
-            "parallel.pipeline > 1 is not supported by this version of the training loop; "
-            "use parallel.pipeline=1"
-        )
+    check_pipeline_config(config.parallel.zero_stage, config.parallel.pipeline, config.model.untie_embeddings)
+    if config.parallel.pipeline > 1:  # the cut must be valid before any process starts
+        partition(unrolled_ops(config.model.split), config.parallel.pipeline, config.parallel.pipeline_layout or None)
     if config.model.num_attention_heads % config.parallel.tensor:
         raise ConfigError(
             f"parallel.tensor={config.parallel.tensor} does not divide "
@@ -126,9 +126,17 @@ class Trainer:
             )
 
         params_dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+        self.pipelined = cfg.parallel.pipeline > 1
+        layout = cfg.parallel.pipeline_layout or None
         self.model = build_model(
-            cfg.model, tensor_parallel=cfg.parallel.tensor, params_dtype=params_dtype
+            cfg.model,
+            tensor_parallel=cfg.parallel.tensor,
+            pipeline_parallel=cfg.parallel.pipeline,
+            pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            pipeline_layout=layout,
+            params_dtype=params_dtype,
         )
+        self.replicated = ReplicatedCoreGrads(self.model, cfg.parallel.pipeline, layout) if self.pipelined else None
         self.param_report = count_parameters(self.model)
         total_steps = cfg.train.steps
         self.engine, self.scheduler = build_engine(
@@ -142,10 +150,16 @@ class Trainer:
             total_steps=total_steps,
             grad_clip=cfg.optim.grad_clip,
             micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum_steps=self.grad_accum,
+            # With a pipeline the schedule accumulates over micro-batches itself.
+            grad_accum_steps=1 if self.pipelined else self.grad_accum,
             zero_stage=cfg.parallel.zero_stage,
             bf16=cfg.train.bf16,
+            external_accumulation=self.pipelined,
         )
+        if self.pipelined:
+            self.schedule_model = ScheduleModel(self.engine, self.model.config)
+            # gloo: batched isend/irecv gives wrong results (platform facts); NCCL batches fine.
+            self.model.config.batch_p2p_comm = self.ctx.backend != "gloo"
         self.device = self.ctx.device
 
         datasets = build_datasets(
@@ -204,23 +218,42 @@ class Trainer:
         per_token = self.engine(
             batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
         )
-        mask = batch["loss_mask"].to(per_token.dtype)
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+        return masked_mean(per_token, batch)
+
+    def _scheduled_loss(self, batches, num_microbatches: int, forward_only: bool) -> torch.Tensor:
+        """Pipeline: megatron's schedule over `num_microbatches`; the mean loss on every stage."""
+        return run_schedule(
+            self.schedule_model,
+            self.model,
+            (self._to_device(batch) for batch in batches),
+            num_microbatches=num_microbatches,
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size,
+            loss_from_batch=masked_mean,
+            forward_only=forward_only,
+        )
+
+    def _data_parallel_mean(self, value: torch.Tensor) -> float:
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value = value / self.dp_size
+        return float(value)
 
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns the mean loss (all DP ranks)."""
         self.engine.train()
+        if self.pipelined:
+            mean = self._scheduled_loss(self.train_batches, self.grad_accum, forward_only=False)
+            self.replicated.all_reduce()
+            self.engine.step()
+            return self._data_parallel_mean(mean)
         total = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
             loss = self.forward_loss(next(self.train_batches))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
             total += loss.detach()
-        mean = total / self.grad_accum
-        if self.dp_size > 1:
-            torch.distributed.all_reduce(mean, group=parallel_state.get_data_parallel_group())
-            mean /= self.dp_size
-        return float(mean)
+        return self._data_parallel_mean(total / self.grad_accum)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
@@ -233,12 +266,12 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
         )
-        losses = [self.forward_loss(batch) for _, batch in zip(range(self.config.train.eval_batches), batches)]
-        mean = torch.stack(losses).mean()
-        if self.dp_size > 1:
-            torch.distributed.all_reduce(mean, group=parallel_state.get_data_parallel_group())
-            mean /= self.dp_size
-        loss = float(mean)
+        count = self.config.train.eval_batches
+        if self.pipelined:
+            mean = self._scheduled_loss(batches, count, forward_only=True)
+        else:
+            mean = torch.stack([self.forward_loss(batch) for _, batch in zip(range(count), batches)]).mean()
+        loss = self._data_parallel_mean(mean)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     def save_checkpoint(self, step: int) -> str:
@@ -317,6 +350,12 @@ class Trainer:
             self.wandb_run.finish()
         if self.ctx is not None:
             destroy_distributed()
+
+
+def masked_mean(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean of the per-token loss [b, s] over the tokens the loss mask keeps."""
+    mask = batch["loss_mask"].to(per_token.dtype)
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
 
 
 def write_loss_plot(run_dir: Path, result: TrainResult) -> Optional[Path]:
