@@ -5,13 +5,15 @@ out in one directory::
 
     DIR/corpus/{train,val}.jsonl.zst, corpus.json
     DIR/tokenizer.model (+ .vocab, .meta.json sidecar)
-    DIR/train_text_document.{bin,idx,json}
-    DIR/val_text_document.{bin,idx,json}
+    DIR/train_text_document.{bin,idx,manifest.json}
+    DIR/val_text_document.{bin,idx,manifest.json}
     DIR/manifest.json     paths, vocab size, EOD/pad ids, token counts
 
 Used by ``mesh data prepare-demo`` and by ``mesh demo`` before training.
-Every step writes atomically and records a sidecar, so "complete" is cheap to
-check and a rerun only redoes what is missing or stale.
+Every step writes atomically and records a sidecar or manifest, so "complete"
+is cheap to check and a rerun only redoes what is missing or stale. The shards
+are single files per split (``shard_bytes=None``), so the prefixes are plain
+megatron prefixes that any tool can open.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import json
 import os
 import time
 
-from data_prep import demo_corpus, shards, train_tokenizer
-from data_prep.report import print_corpus_stats, print_shard_stats, print_tokenizer_stats, say
+from data_prep import demo_corpus, train_tokenizer
+from data_prep.pipeline import TokenizeOptions, output_is_complete, tokenize_corpus
+from data_prep.manifest import load_manifest, manifest_path as shard_manifest_path
+from data_prep.report import print_corpus_stats, print_run_summary, print_tokenizer_stats, say
 from data_prep.tokenizer import SentencePieceTokenizer
 
 #: Names inside a prepare-demo directory. The shard prefixes follow megatron's
@@ -95,15 +99,18 @@ def prepare_demo(
         ("val", val_jsonl, DEMO_VAL_PREFIX),
     ):
         full_prefix = os.path.join(out_dir, prefix)
-        if not rebuilt and shards.shards_are_complete(full_prefix, tokenizer):
+        if not rebuilt and output_is_complete(full_prefix, tokenizer):
             say(f"[3/3] {name} shards {full_prefix} already complete, skipping")
-            sidecar = shards.read_sidecar(full_prefix)
+            shard_manifest = load_manifest(shard_manifest_path(full_prefix))
         else:
             say(f"[3/3] tokenizing {name} split into {full_prefix}")
             # overwrite=True: anything at this prefix is incomplete or stale.
-            sidecar = shards.tokenize_to_shards([jsonl], tokenizer, full_prefix, overwrite=True, progress=progress)
-        print_shard_stats(full_prefix, sidecar)
-        shard_stats[name] = {"prefix": full_prefix, "documents": sidecar["documents"], "tokens": sidecar["tokens"]}
+            # One worker: the demo corpus is a few MB, and worker start-up would dominate.
+            shard_manifest = tokenize_corpus([jsonl], tokenizer, full_prefix, TokenizeOptions(shard_bytes=None),
+                                             overwrite=True, progress=progress)
+        print_run_summary(full_prefix, shard_manifest)
+        totals = shard_manifest["totals"]
+        shard_stats[name] = {"prefix": full_prefix, "documents": totals["documents"], "tokens": totals["tokens"]}
 
     manifest = {
         "tokenizer": tok_prefix + ".model",

@@ -7,6 +7,8 @@ its sidecar), so a skipped step can be reported from its sidecar alone.
 
 from __future__ import annotations
 
+import os
+
 
 def say(message: str) -> None:
     print(message, flush=True)
@@ -30,8 +32,26 @@ def print_tokenizer_stats(prefix: str, sidecar: dict) -> None:
         say(f"  skipped input lines: {corpus['skipped']}")
 
 
-def print_shard_stats(prefix: str, sidecar: dict) -> None:
-    say(f"shards {prefix}.bin/.idx: {sidecar['documents']} documents, {sidecar['tokens']:,} tokens "
-         f"({sidecar['dtype']}), {sidecar['tokens_per_second']:,} tokens/s")
-    if sidecar["read"]["skipped"]:
-        say(f"  skipped input lines: {sidecar['read']['skipped']}")
+def print_run_summary(out: str, manifest: dict) -> None:
+    """What a tokenization run produced, and what to put in a training config."""
+    totals = manifest["totals"]
+    rate = totals["tokens"] / max(manifest["wall_seconds"], 1e-9)
+    say(f"{out}: {totals['documents']:,} documents, {totals['tokens']:,} tokens ({manifest['dtype']}) "
+        f"in {totals['shards']} shard(s), {rate:,.0f} tokens/s over {manifest['wall_seconds']:.1f} s")
+    for group in manifest["groups"]:
+        say(f"  {group['prefix']}: {group['documents']:,} documents, {group['tokens']:,} tokens, "
+            f"{len(group['shards'])} shard(s)")
+    skipped = manifest["skipped"]
+    if skipped["total"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in skipped["by_reason"].items())
+        say(f"  skipped {skipped['total']:,} records: {reasons} (first locations in the manifest)")
+    for damaged in manifest["damaged_inputs"]:
+        say(f"  damaged input {damaged['path']}: {damaged['error']}")
+    split_prefixes = manifest.get("split_prefixes") or {}
+    folder = os.path.dirname(out)
+    if split_prefixes:
+        names = ", ".join(f"{split}: {os.path.join(folder, p)}" for split, p in split_prefixes.items())
+        say(f"  data prefixes for training ({names})")
+    else:
+        say(f"  data prefix for training: {out}")
+    say(f"  manifest: {out}.manifest.json (mesh data inspect {out})")

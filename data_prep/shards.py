@@ -1,225 +1,239 @@
-"""Tokenize documents into megatron-core indexed-dataset shards (.bin/.idx).
+"""megatron-core indexed-dataset shards (.bin/.idx): the on-disk format and a crash-safe writer.
 
-For an output prefix ``P`` this writes:
+A shard with prefix ``P`` is what megatron-core's ``IndexedDataset(P)`` reads:
 
-* ``P.bin``: all token ids back to back, EOD after every document;
-* ``P.idx``: megatron-core's index (sequence lengths, offsets, document bounds);
-* ``P.json``: our sidecar (counts, dtype, the tokenizer's sha256, inputs).
+* ``P.bin``: token ids back to back (EOD after every document);
+* ``P.idx``: the index: a header, then per sequence its length (int32) and
+  byte offset (int64), then the document boundaries (int64). We write one
+  sequence per document, so the boundaries are 0..n. ``write_index`` writes
+  this format directly with numpy; ``tests`` check it byte for byte against
+  megatron-core's own ``IndexedDatasetBuilder``.
 
-``P`` is exactly what megatron-core's ``IndexedDataset`` / ``GPTDataset``
-take as a data path. (Not named ``tokenize.py``: that would shadow the stdlib
-module of that name, which ``inspect`` and ``linecache`` import.)
+(Not named ``tokenize.py``: that would shadow the stdlib module of that name.)
 
-Atomicity: the builder writes ``P.tmp-<pid>.bin/.idx``; only after the index is
-finalised are they renamed to ``P.bin`` then ``P.idx``, and the sidecar written
-last. So a crash leaves either temporary files or an absent sidecar, never a
-half-written pair under the final names that a training run would accept.
+Crash safety. While a shard is being written its data lives in
+``P.bin.partial`` and ``P.lens.partial`` (document lengths); names megatron
+never opens. Finalising writes ``P.idx.partial`` and then renames ``.bin``
+and ``.idx`` into place, so a shard under its final names is always
+complete. A writer can be reopened at any earlier committed size
+(``OpenShard.restore``): the partial files are cut back to it, which is how a
+run killed with -9 resumes without duplicating or losing a document.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import time
-from collections import Counter
-from typing import Sequence
+import struct
+from typing import Optional
 
 import numpy
 
 from data_prep.errors import DataError
-from data_prep.reader import ReadStats, check_input_files, iter_documents
-from data_prep.tokenizer import Tokenizer
 
-DEFAULT_BATCH_SIZE = 256
-_SUFFIXES = (".bin", ".idx", ".json")
+#: megatron-core's index header and version (``indexed_dataset._INDEX_HEADER``).
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+#: megatron-core's dtype codes (``indexed_dataset.DType``) for the two token dtypes we write.
+DTYPE_CODES = {numpy.dtype(numpy.uint16): 8, numpy.dtype(numpy.int32): 4}
+#: Largest vocabulary stored as uint16. megatron-core's ``DType.optimal_dtype``
+#: switches to int32 at 65500 (not 65536); we follow it so its tools and ours agree.
+UINT16_VOCAB_LIMIT = 65500
+
+PARTIAL_SUFFIXES = (".bin.partial", ".lens.partial", ".idx.partial")
 
 
-def output_paths(output_prefix: str) -> dict[str, str]:
-    """The three files of a shard prefix, by kind."""
-    return {suffix[1:]: output_prefix + suffix for suffix in _SUFFIXES}
+def token_dtype(vocab_size: int) -> type:
+    """The on-disk dtype for token ids of a vocabulary of ``vocab_size``: uint16 or int32.
 
-
-def token_dtype(vocab_size: int) -> type[numpy.number]:
-    """The on-disk dtype for token ids of a vocabulary of ``vocab_size``.
-
-    megatron-core's own rule (``DType.optimal_dtype``, also used by its
-    preprocess_data.py): uint16 below 65500 ids, else int32. uint16 halves the
-    .bin size and page-cache footprint against int32 and holds ids up to
-    65535; the margin below 65536 is megatron's choice and we keep it so our
-    shards are identical to what its own tool would write.
+    uint16 halves the .bin size and page-cache footprint against int32.
     """
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)
+    return numpy.uint16 if vocab_size < UINT16_VOCAB_LIMIT else numpy.int32
 
 
-def _refuse_to_overwrite(output_prefix: str) -> None:
-    existing = [p for p in output_paths(output_prefix).values() if os.path.exists(p)]
-    if existing:
-        raise DataError(
-            f"output {output_prefix!r} already exists ({', '.join(os.path.basename(p) for p in existing)}); "
-            "pass --overwrite (overwrite=True) to replace it or choose another --out"
-        )
-
-
-def _remove_quietly(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _progress(enabled: bool):
-    # tqdm on stderr; disabled in tests and when asked. Imported lazily so the
-    # module imports cleanly for code that only needs token_dtype().
-    from tqdm import tqdm
-
-    return tqdm(unit="doc", desc="tokenizing", disable=not enabled, mininterval=1.0, dynamic_ncols=True)
-
-
-def tokenize_to_shards(
-    input_files: Sequence[str | os.PathLike],
-    tokenizer: Tokenizer,
-    output_prefix: str | os.PathLike,
-    overwrite: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    text_key: str = "text",
-    progress: bool = True,
-) -> dict:
-    """Tokenize every document of ``input_files`` into ``output_prefix``.bin/.idx.
-
-    Each document becomes one megatron "document" holding one sequence: its
-    token ids followed by ``tokenizer.eod``. Documents are encoded
-    ``batch_size`` at a time with ``tokenizer.encode_batch`` (parallel in both
-    back ends) while memory stays bounded by one batch.
-
-    Raises DataError if the output exists and ``overwrite`` is False, if an
-    input is missing, or if no document is usable. Returns the sidecar dict.
-    """
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    if batch_size <= 0:
-        raise DataError(f"batch_size must be positive, got {batch_size}")
-    input_files = check_input_files(input_files)
-    output_prefix = os.fspath(output_prefix)
-    if not overwrite:
-        _refuse_to_overwrite(output_prefix)
-    out_dir = os.path.dirname(output_prefix)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    eod = tokenizer.eod
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
-    tmp_bin, tmp_idx = tmp_prefix + ".bin", tmp_prefix + ".idx"
-    final = output_paths(output_prefix)
-
-    read_stats = ReadStats()
-    documents = 0
-    tokens = 0
-    per_set_docs: Counter = Counter()
-    per_set_tokens: Counter = Counter()
-    started = time.time()
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    bar = _progress(progress)
-
-    def flush(batch: list[tuple[str, str | None]]) -> None:
-        nonlocal documents, tokens
-        encoded = tokenizer.encode_batch([text for text, _ in batch])
-        batch_tokens = 0
-        for (_, set_name), ids in zip(batch, encoded):
-            ids = numpy.asarray(ids + [eod], dtype=numpy.int64)
-            # A wrong tokenizer/dtype pairing would wrap ids silently on the
-            # uint16 cast inside the builder; this check is cheap by comparison.
-            if ids.max() >= tokenizer.vocab_size or ids.min() < 0:
-                raise DataError(
-                    f"tokenizer {tokenizer.name} produced id {int(ids.max())} outside its "
-                    f"vocab_size {tokenizer.vocab_size}; the tokenizer file is inconsistent"
-                )
-            builder.add_item(torch.from_numpy(ids))
-            builder.end_document()
-            set_key = set_name or "unknown"
-            per_set_docs[set_key] += 1
-            per_set_tokens[set_key] += len(ids)
-            batch_tokens += len(ids)
-        documents += len(batch)
-        tokens += batch_tokens
-        bar.update(len(batch))
-        elapsed = max(time.time() - started, 1e-9)
-        bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
-
-    try:
-        batch: list[tuple[str, str | None]] = []
-        for doc in iter_documents(input_files, text_key, read_stats):
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-        bar.close()
-        if documents == 0:
-            raise DataError(
-                f"no usable documents in {input_files}; skipped lines: {dict(read_stats.skipped)}"
-            )
-        builder.finalize(tmp_idx)
-    except BaseException:
-        # Includes KeyboardInterrupt: never leave temporaries behind.
-        bar.close()
-        builder.data_file.close()
-        _remove_quietly(tmp_bin, tmp_idx)
-        raise
-
-    # Commit. The old sidecar goes first, so from here until the new one is
-    # written the prefix is visibly incomplete (see shards_are_complete).
-    _remove_quietly(final["json"])
-    os.replace(tmp_bin, final["bin"])
-    os.replace(tmp_idx, final["idx"])
-    seconds = time.time() - started
-    sidecar = {
-        "prefix": os.path.basename(output_prefix),
-        "documents": documents,
-        "tokens": tokens,
-        "dtype": numpy.dtype(dtype).name,
-        "eod": eod,
-        "tokenizer": tokenizer.describe(),
-        "inputs": [os.path.basename(p) for p in input_files],
-        "documents_per_set": dict(sorted(per_set_docs.items())),
-        "tokens_per_set": dict(sorted(per_set_tokens.items())),
-        "read": read_stats.as_dict(),
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9)),
+def shard_paths(prefix: str) -> dict[str, str]:
+    return {
+        "bin": prefix + ".bin",
+        "idx": prefix + ".idx",
+        "bin.partial": prefix + ".bin.partial",
+        "lens.partial": prefix + ".lens.partial",
+        "idx.partial": prefix + ".idx.partial",
     }
-    tmp_json = tmp_prefix + ".json"
-    with open(tmp_json, "w", encoding="utf-8") as f:
-        json.dump(sidecar, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_json, final["json"])
-    return sidecar
 
 
-def read_sidecar(output_prefix: str | os.PathLike) -> dict | None:
-    """The sidecar of a shard prefix, or None if absent or unreadable."""
+def index_bytes(lengths: numpy.ndarray, dtype) -> bytes:
+    """The .idx file for sequences of ``lengths`` tokens, one sequence per document."""
+    dtype = numpy.dtype(dtype)
+    lengths = numpy.asarray(lengths, dtype=numpy.int32)
+    count = lengths.size
+    pointers = numpy.zeros(count, dtype=numpy.int64)
+    if count > 1:
+        numpy.cumsum(lengths[:-1], dtype=numpy.int64, out=pointers[1:])
+    pointers *= dtype.itemsize
+    header = (
+        INDEX_MAGIC
+        + struct.pack("<Q", INDEX_VERSION)
+        + struct.pack("<B", DTYPE_CODES[dtype])
+        + struct.pack("<Q", count)
+        + struct.pack("<Q", count + 1)
+    )
+    documents = numpy.arange(count + 1, dtype=numpy.int64)
+    return header + lengths.tobytes() + pointers.tobytes() + documents.tobytes()
+
+
+def read_index(prefix: str) -> tuple[numpy.dtype, numpy.ndarray]:
+    """(token dtype, sequence lengths) of an existing shard, read without megatron-core."""
+    path = prefix + ".idx"
+    with open(path, "rb") as f:
+        head = f.read(len(INDEX_MAGIC) + 8 + 1 + 8 + 8)
+        if not head.startswith(INDEX_MAGIC):
+            raise DataError(f"{path!r} is not a megatron-core index file")
+        code = head[len(INDEX_MAGIC) + 8]
+        (count,) = struct.unpack("<Q", head[len(INDEX_MAGIC) + 9: len(INDEX_MAGIC) + 17])
+        lengths = numpy.fromfile(f, dtype=numpy.int32, count=count)
+    codes = {v: k for k, v in DTYPE_CODES.items()}
+    if code not in codes:
+        raise DataError(f"{path!r} stores dtype code {code}, not a token dtype this tool writes")
+    return codes[code], lengths
+
+
+def _fsync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class OpenShard:
+    """The shard currently being written for one output group.
+
+    Files are created on the first append, so a shard that never receives a
+    document leaves nothing behind.
+    """
+
+    def __init__(self, prefix: str, dtype) -> None:
+        self.prefix = prefix
+        self.dtype = numpy.dtype(dtype)
+        self.paths = shard_paths(prefix)
+        self.documents = 0
+        self.tokens = 0
+        self._sha = hashlib.sha256()
+        self._bin = None
+        self._lens = None
+
+    @property
+    def bin_bytes(self) -> int:
+        return self.tokens * self.dtype.itemsize
+
+    def _open(self) -> None:
+        if self._bin is None:
+            for kind in ("bin", "idx"):
+                if os.path.exists(self.paths[kind]):
+                    raise DataError(
+                        f"{self.paths[kind]!r} already exists and is not part of this run; "
+                        "another output uses the same name: choose another --out (or --overwrite)"
+                    )
+            self._bin = open(self.paths["bin.partial"], "ab")
+            self._lens = open(self.paths["lens.partial"], "ab")
+
+    def append(self, tokens: numpy.ndarray, lengths: numpy.ndarray) -> None:
+        self._open()
+        data = memoryview(numpy.ascontiguousarray(tokens, dtype=self.dtype)).cast("B")
+        self._bin.write(data)
+        self._sha.update(data)
+        self._lens.write(numpy.ascontiguousarray(lengths, dtype=numpy.int32).tobytes())
+        self.documents += int(lengths.size)
+        self.tokens += int(tokens.size)
+
+    def sync(self, durable: bool) -> None:
+        """Push buffered data to the OS (and to disk when ``durable``) before a commit."""
+        for f in (self._bin, self._lens):
+            if f is not None:
+                if durable:
+                    _fsync(f)
+                else:
+                    f.flush()
+
+    def close(self) -> None:
+        for f in (self._bin, self._lens):
+            if f is not None:
+                f.close()
+        self._bin = self._lens = None
+
+    def state(self) -> dict:
+        """What a commit records about this shard (enough to ``restore`` it)."""
+        return {"prefix": self.prefix, "documents": self.documents, "tokens": self.tokens}
+
+    def finalize(self, durable: bool = True) -> dict:
+        """Write the index and move the shard under its final names; return its record."""
+        self.sync(durable)
+        self.close()
+        lengths = numpy.fromfile(self.paths["lens.partial"], dtype=numpy.int32)
+        if lengths.size != self.documents or int(lengths.sum(dtype=numpy.int64)) != self.tokens:
+            raise DataError(f"shard {self.prefix!r}: the partial files disagree with the writer; rerun with --overwrite")
+        index = index_bytes(lengths, self.dtype)
+        with open(self.paths["idx.partial"], "wb") as f:
+            f.write(index)
+            if durable:
+                _fsync(f)
+        # .bin first: a .bin without its .idx is not a dataset megatron would open.
+        os.replace(self.paths["bin.partial"], self.paths["bin"])
+        os.replace(self.paths["idx.partial"], self.paths["idx"])
+        return {
+            "prefix": os.path.basename(self.prefix),
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "bin_bytes": self.bin_bytes,
+            "bin_sha256": self._sha.hexdigest(),
+            "idx_sha256": hashlib.sha256(index).hexdigest(),
+        }
+
+    def remove_lens(self) -> None:
+        """Drop the lengths file of a finalized shard (once its finalization is committed)."""
+        _remove(self.paths["lens.partial"])
+
+    @classmethod
+    def restore(cls, prefix: str, dtype, documents: int, tokens: int) -> "OpenShard":
+        """Reopen a shard at a committed size, undoing anything written after that commit.
+
+        After a crash the shard may be ahead of the commit (appends not yet
+        committed), or even renamed to its final names (finalized but not
+        committed). Both are rolled back here.
+        """
+        shard = cls(prefix, dtype)
+        paths = shard.paths
+        if os.path.exists(paths["bin"]) and not os.path.exists(paths["bin.partial"]):
+            os.replace(paths["bin"], paths["bin.partial"])
+        _remove(paths["idx"])
+        _remove(paths["idx.partial"])
+        if documents == 0:
+            _remove(paths["bin.partial"])
+            _remove(paths["lens.partial"])
+            return shard
+        bin_size = tokens * shard.dtype.itemsize
+        for kind, size in (("bin.partial", bin_size), ("lens.partial", documents * 4)):
+            path = paths[kind]
+            if not os.path.exists(path) or os.path.getsize(path) < size:
+                raise DataError(
+                    f"cannot resume: {path!r} is missing or shorter than the progress file records; "
+                    "the output was changed by hand; rerun with --overwrite"
+                )
+            os.truncate(path, size)
+        with open(paths["bin.partial"], "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                shard._sha.update(block)
+        shard.documents, shard.tokens = documents, tokens
+        shard._bin = open(paths["bin.partial"], "ab")
+        shard._lens = open(paths["lens.partial"], "ab")
+        return shard
+
+
+def _remove(path: str) -> None:
     try:
-        with open(os.fspath(output_prefix) + ".json", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
-def shards_are_complete(output_prefix: str | os.PathLike, tokenizer: Tokenizer | None = None) -> bool:
-    """True when .bin, .idx and the sidecar all exist (and, if given, the
-    sidecar names the same tokenizer by sha256: shards from another tokenizer
-    are stale even when complete)."""
-    output_prefix = os.fspath(output_prefix)
-    paths = output_paths(output_prefix)
-    if not (os.path.isfile(paths["bin"]) and os.path.isfile(paths["idx"])):
-        return False
-    sidecar = read_sidecar(output_prefix)
-    if sidecar is None:
-        return False
-    if tokenizer is not None and sidecar.get("tokenizer", {}).get("sha256") != tokenizer.sha256:
-        return False
-    return True
+def remove_shard_files(prefix: str) -> None:
+    """Delete every file this module may have written for shard ``prefix``."""
+    for path in shard_paths(prefix).values():
+        _remove(path)

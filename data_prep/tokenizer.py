@@ -16,6 +16,14 @@ Two back ends:
   special token, ``<|endoftext|>`` by default (GPT-2 / GPT-NeoX / Pile style).
 
 ``load_tokenizer(path)`` picks the back end from the file name.
+
+Tokenizers pickle as their file path plus sha256 (not the loaded model), so a
+multiprocessing worker receives one cheaply and reloads it once; the reload
+refuses a file whose bytes changed since the parent loaded it.
+
+``encode_batch`` runs on one thread by default: data prep gets its
+parallelism from worker processes, and a per-call thread pool inside each of N
+workers would only oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -74,6 +82,21 @@ class Tokenizer:
         self.sha256 = file_sha256(path)
         self.name = f"{backend}:{self.sha256[:12]}"
 
+    # Pickling: path + identity; the back end is reloaded by the receiver.
+    def _init_args(self) -> dict:
+        return {}
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "args": self._init_args()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], **state["args"])
+        if self.sha256 != state["sha256"]:
+            raise DataError(
+                f"tokenizer file {self.path!r} changed while in use (sha256 {state['sha256'][:12]} -> "
+                f"{self.sha256[:12]}); restore it or restart with the new file"
+            )
+
     def _make_unique_identifiers(self) -> None:
         # The content hash, not the path: the file's bytes determine every id,
         # so retraining a tokenizer in place must change megatron-core's cache
@@ -93,8 +116,8 @@ class Tokenizer:
         """Token ids for ``text``, without BOS/EOD: callers add EOD themselves."""
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """``encode`` for many texts at once; back ends parallelise this."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """``encode`` for many texts in one call (``num_threads`` > 1: the back end's threads)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -123,6 +146,7 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "eod": self.eod,
             "pad": self.pad,
+            **self._init_args(),
         }
 
     def __repr__(self) -> str:
@@ -132,11 +156,11 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model``. EOD is ``eos_id``; pad is ``pad_id`` if defined, else EOD.
 
-    ``num_threads`` is used by ``encode_batch`` (sentencepiece releases the
-    GIL and splits a list across threads); -1 lets sentencepiece decide.
+    Control symbols such as ``</s>`` are never matched inside text, so a
+    document that contains the string "</s>" does not grow a false EOD.
     """
 
-    def __init__(self, model_path: str | os.PathLike, num_threads: int = -1) -> None:
+    def __init__(self, model_path: str | os.PathLike) -> None:
         import sentencepiece
 
         path = _require_file(model_path, "tokenizer model")
@@ -145,7 +169,6 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as err:
             raise DataError(f"cannot load sentencepiece model {path!r} ({err}); is it a .model file?") from err
-        self.num_threads = num_threads
         self.vocab_size = self._sp.get_piece_size()
         eos = self._sp.eos_id()
         if eos < 0:
@@ -161,8 +184,8 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), num_threads=self.num_threads)
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -174,7 +197,10 @@ class HFTokenizer(Tokenizer):
     ``eod_token`` must be in the vocabulary (it usually is a special token);
     ``pad_token`` is optional and defaults to EOD when not given.
     No special tokens are added on encode: the post-processor of some
-    tokenizers (e.g. BERT-style) would otherwise insert [CLS]/[SEP].
+    tokenizers (e.g. BERT-style) would otherwise insert [CLS]/[SEP]. Special
+    tokens *inside the text* are encoded as plain text
+    (``encode_special_tokens``): a document quoting "<|endoftext|>" (the Pile
+    has some) must not be cut in two by a false EOD.
     """
 
     def __init__(
@@ -199,6 +225,10 @@ class HFTokenizer(Tokenizer):
                     "not a Hugging Face tokenizer; pass the .model file instead"
                 ) from err
             raise DataError(f"cannot load Hugging Face tokenizer {path!r} ({err}); is it a tokenizer.json?") from err
+        self._tok.encode_special_tokens = True
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets
+        # we never use; it is markedly faster.
+        self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod_token = eod_token
         self.eod = self._token_id(eod_token, "end-of-document")
@@ -219,8 +249,21 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def _init_args(self) -> dict:
+        return {"eod_token": self.eod_token, "pad_token": self.pad_token}
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        # The tokenizers library sizes its thread pool from the environment,
+        # read when the batch call runs.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if num_threads > 1 else "false"
+        try:
+            return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
+        finally:
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -168,7 +168,7 @@ def train_sentencepiece(
         raise DataError(f"sample_documents must be positive, got {sample_documents}")
     if not 0.0 < character_coverage <= 1.0:
         raise DataError(f"character_coverage must be in (0, 1], got {character_coverage}")
-    input_files = check_input_files(input_files)
+    inputs = check_input_files(input_files)  # files, directories, globs; DataError on a typo
     output_prefix = os.fspath(output_prefix)
     out_dir = os.path.dirname(output_prefix)
     if out_dir:
@@ -178,10 +178,11 @@ def train_sentencepiece(
 
     read_stats = ReadStats()
     started = time.time()
-    docs = _sample((text for text, _ in iter_documents(input_files, text_key, read_stats)),
-                   sample_documents, seed)
+    paths = [item.path for item in inputs]
+    docs = _sample((text for text, _ in iter_documents(paths, text_key, read_stats)), sample_documents, seed)
     if not docs:
-        raise DataError(f"no usable documents in {input_files}; skipped lines: {dict(read_stats.skipped)}")
+        raise DataError(f"no usable documents in {[os.fspath(p) for p in input_files]}; "
+                        f"skipped lines: {dict(read_stats.skipped)}")
 
     # Feeding sentencepiece from an iterator keeps our reader (zstd, bad-line
     # handling) in charge of the input instead of its plain-text file reader.
@@ -244,12 +245,13 @@ def train_sentencepiece(
             "num_threads": num_threads,
             "normalization": "identity",
         },
-        "inputs": [os.path.basename(p) for p in input_files],
+        "inputs": [os.path.basename(p) for p in paths],
         "corpus": {
             "documents_read": read_stats.documents,
             "documents_used": len(docs),
             "text_bytes_read": read_stats.text_bytes,
             "skipped": dict(sorted(read_stats.skipped.items())),
+            "damaged_inputs": read_stats.damaged,
         },
         "sentencepiece_version": sentencepiece.__version__,
         "train_seconds": round(seconds, 2),

@@ -1,7 +1,9 @@
-"""Tests for data_prep: reader, demo corpus, tokenizers, shards, GPTDataset, CLI.
+"""Tests for data_prep: serial reader, demo corpus, tokenizers, GPTDataset on our shards, CLI.
 
-Inputs are tiny so the whole file runs in seconds (most of the time is the
-one-off megatron-core import).
+The parallel tokenizer has its own files: test_data_prep_pipeline.py (round
+trips, workers, sharding, splits, formats), test_data_prep_bad_input.py,
+test_data_prep_resume.py (kill and resume) and test_data_prep_blend.py.
+Inputs are tiny so the whole file runs in seconds.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import zstandard
 from data_prep import demo_corpus
 from data_prep.cli import main as data_main
 from data_prep.errors import DataError
+from data_prep.pipeline import TokenizeOptions, tokenize_corpus
 from data_prep.reader import DocumentReader, ReadStats, SkipReason, iter_documents
-from data_prep.shards import read_sidecar, shards_are_complete, token_dtype, tokenize_to_shards
 from data_prep.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from data_prep.train_tokenizer import (
     EOS_ID,
@@ -29,15 +31,7 @@ from data_prep.train_tokenizer import (
 )
 from data_prep.writer import JsonlZstWriter, pile_record
 
-# Documents with the things a lossy tokenizer would break: indentation, tabs,
-# trailing spaces, blank lines, non-ASCII, an emoji (byte fallback), digits.
-TRICKY_DOCS = [
-    "def add(a, b):\n    return a + b\n",
-    "Héllo wörld!  Two  spaces,\ttab, trailing space \n\n\nblank lines above.",
-    "Emoji outside the vocabulary: 🦜 and CJK 漢字 go through byte fallback.",
-    "Numbers 1234567890 and 3.14159 are split into digits.",
-    "class Point:\n    \"\"\"A point.\"\"\"\n\n    def __init__(self, x, y):\n        self.x = x\n",
-]
+from tests.test_data_prep_common import TRICKY_DOCS, write_zst as _write_zst
 
 
 def _filler_docs(n: int = 120) -> list[str]:
@@ -49,13 +43,6 @@ def _filler_docs(n: int = 120) -> list[str]:
         sentence = " ".join(words[(i + k) % len(words)] for k in range(12 + i % 7))
         docs.append(f"{sentence.capitalize()}.\n\ndef f_{i}(x):\n    return x * {i} + {i % 10}\n")
     return docs
-
-
-def _write_zst(path, texts, set_name="Test"):
-    with JsonlZstWriter(path) as out:
-        for text in texts:
-            out.write(pile_record(text, set_name))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +114,19 @@ def test_reader_rejects_missing_and_unsupported_files(tmp_path):
         list(iter_documents([tmp_path / "data.txt"]))
     with pytest.raises(DataError, match="no input files"):
         list(iter_documents([]))
+    with pytest.raises(DataError, match="holds no .jsonl"):
+        list(iter_documents([tmp_path]))  # a directory without inputs
 
 
-def test_reader_reports_corrupt_zst(tmp_path):
-    path = tmp_path / "corrupt.jsonl.zst"
-    path.write_bytes(b"this is not zstd data at all")
-    with pytest.raises(DataError, match="corrupt or truncated"):
-        list(iter_documents([path]))
+def test_reader_reports_corrupt_zst_and_reads_on(tmp_path):
+    # Damage is reported, not raised: the other inputs are still read.
+    corrupt = tmp_path / "a_corrupt.jsonl.zst"
+    corrupt.write_bytes(b"this is not zstd data at all")
+    good = _write_zst(tmp_path / "b_good.jsonl.zst", ["still read"])
+    stats = ReadStats()
+    assert [t for t, _ in iter_documents([corrupt, good], stats=stats)] == ["still read"]
+    assert len(stats.damaged) == 1 and stats.damaged[0]["path"] == str(corrupt)
+    assert "ZstdError" in stats.damaged[0]["error"]
 
 
 # --------------------------------------------------------------------------
@@ -294,106 +287,6 @@ def test_hf_tokenizer_interface(hf_tokenizer_json):
 
 
 # --------------------------------------------------------------------------
-# Shards
-# --------------------------------------------------------------------------
-
-
-def _read_shards(prefix):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(str(prefix))
-    return dataset, [numpy.asarray(dataset[i]) for i in range(len(dataset))]
-
-
-def test_round_trip_sentencepiece_shards(corpus_and_tokenizer, tmp_path):
-    docs, corpus, prefix, _ = corpus_and_tokenizer
-    tok = load_tokenizer(prefix + ".model")
-    out = tmp_path / "shards" / "train_text_document"
-    stats = tokenize_to_shards([corpus], tok, out, batch_size=7, progress=False)
-
-    dataset, sequences = _read_shards(out)
-    assert len(sequences) == len(docs) == stats["documents"]
-    # One sequence per document, so document boundaries are 0..n.
-    assert list(dataset.document_indices) == list(range(len(docs) + 1))
-    assert sequences[0].dtype == numpy.uint16 == token_dtype(tok.vocab_size)
-    assert sum(len(s) for s in sequences) == stats["tokens"]
-    for doc, seq in zip(docs, sequences):
-        assert seq[-1] == tok.eod, "every document ends with EOD"
-        assert tok.eod not in seq[:-1], "and EOD appears nowhere else"
-        assert tok.decode(seq[:-1].tolist()) == doc
-    # Sidecar and completeness.
-    sidecar = read_sidecar(out)
-    assert sidecar["tokenizer"]["sha256"] == tok.sha256
-    assert sidecar["documents_per_set"] == {"Test": len(docs)}
-    assert shards_are_complete(out, tok)
-    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p], "temporary files are cleaned up"
-
-
-def test_round_trip_hf_shards(hf_tokenizer_json, tmp_path):
-    tok = load_tokenizer(hf_tokenizer_json)
-    corpus = _write_zst(tmp_path / "docs.jsonl.zst", TRICKY_DOCS)
-    stats = tokenize_to_shards([corpus], tok, tmp_path / "hf_text_document", progress=False)
-    _, sequences = _read_shards(tmp_path / "hf_text_document")
-    assert stats["documents"] == len(TRICKY_DOCS)
-    for doc, seq in zip(TRICKY_DOCS, sequences):
-        assert seq[-1] == tok.eod
-        assert tok.decode(seq[:-1].tolist()) == doc
-
-
-def test_large_vocab_uses_int32():
-    assert token_dtype(4096) == numpy.uint16
-    assert token_dtype(65499) == numpy.uint16
-    assert token_dtype(65500) == numpy.int32
-    assert token_dtype(128_256) == numpy.int32
-
-
-def test_tokenize_refuses_to_overwrite(corpus_and_tokenizer, tmp_path):
-    _, corpus, prefix, _ = corpus_and_tokenizer
-    tok = load_tokenizer(prefix + ".model")
-    out = tmp_path / "data_text_document"
-    tokenize_to_shards([corpus], tok, out, progress=False)
-    before = (tmp_path / "data_text_document.bin").read_bytes()
-    small = _write_zst(tmp_path / "small.jsonl.zst", ["just one document"])
-    with pytest.raises(DataError, match="already exists.*--overwrite"):
-        tokenize_to_shards([small], tok, out, progress=False)
-    assert (tmp_path / "data_text_document.bin").read_bytes() == before, "refusal leaves files intact"
-
-    stats = tokenize_to_shards([small], tok, out, overwrite=True, progress=False)
-    assert stats["documents"] == 1
-    _, sequences = _read_shards(out)
-    assert len(sequences) == 1 and tok.decode(sequences[0][:-1].tolist()) == "just one document"
-
-    # A leftover .bin without its .idx (e.g. a crashed foreign tool) also blocks.
-    stray = tmp_path / "stray_text_document.bin"
-    stray.write_bytes(b"")
-    with pytest.raises(DataError, match="already exists"):
-        tokenize_to_shards([small], tok, tmp_path / "stray_text_document", progress=False)
-
-
-def test_tokenize_errors_leave_no_output(corpus_and_tokenizer, tmp_path):
-    _, _, prefix, _ = corpus_and_tokenizer
-    tok = load_tokenizer(prefix + ".model")
-    with pytest.raises(DataError, match="does not exist"):
-        tokenize_to_shards([tmp_path / "missing.jsonl.zst"], tok, tmp_path / "out", progress=False)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("{oops\n\n")
-    with pytest.raises(DataError, match="no usable documents"):
-        tokenize_to_shards([bad], tok, tmp_path / "out", progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"], "no partial or temporary output"
-
-
-def test_tokenize_counts_bad_lines(corpus_and_tokenizer, tmp_path):
-    _, _, prefix, _ = corpus_and_tokenizer
-    tok = load_tokenizer(prefix + ".model")
-    path = tmp_path / "mixed.jsonl"
-    path.write_text('{"text": "kept"}\n{broken\n{"text": ""}\n{"body": "x"}\n{"text": "kept too"}\n')
-    stats = tokenize_to_shards([path], tok, tmp_path / "mixed", progress=False)
-    assert stats["documents"] == 2
-    assert stats["read"]["skipped"] == {"empty_text": 1, "malformed_json": 1, "missing_text": 1}
-    assert stats["documents_per_set"] == {"unknown": 2}
-
-
-# --------------------------------------------------------------------------
 # megatron-core GPTDataset on our shards and tokenizer
 # --------------------------------------------------------------------------
 
@@ -426,9 +319,12 @@ def build_gpt_datasets(train_prefix, val_prefix, tokenizer, cache_dir, sequence_
 def test_gpt_dataset_builds_from_our_shards(corpus_and_tokenizer, tmp_path):
     docs, corpus, prefix, _ = corpus_and_tokenizer
     tok = load_tokenizer(prefix + ".model")
-    tokenize_to_shards([corpus], tok, tmp_path / "train_text_document", progress=False)
+    single = TokenizeOptions(shard_bytes=None)
+    tokenize_corpus([corpus], tok, tmp_path / "train_text_document", single, progress=False)
     val_corpus = _write_zst(tmp_path / "val.jsonl.zst", TRICKY_DOCS)
-    tokenize_to_shards([val_corpus], tok, tmp_path / "val_text_document", progress=False)
+    tokenize_corpus([val_corpus], tok, tmp_path / "val_text_document", single, progress=False)
+
+    import megatron.core.datasets.gpt_dataset  # noqa: F401  (its import warnings are not what we test)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. megatron's pad-collides-with-EOD warning
@@ -466,14 +362,15 @@ def test_cli_prepare_demo_is_idempotent(tmp_path, capsys):
     assert manifest["vocab_size"] == 600 and manifest["eod"] == EOS_ID
     assert manifest["train_tokens"] > 0 and manifest["val_tokens"] > 0
     for name in ("tokenizer.model", "train_text_document.bin", "train_text_document.idx",
-                 "val_text_document.bin", "val_text_document.idx", "corpus/train.jsonl.zst"):
+                 "train_text_document.manifest.json", "val_text_document.bin", "val_text_document.idx",
+                 "corpus/train.jsonl.zst"):
         assert (out / name).is_file(), name
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
     capsys.readouterr()
 
     assert data_main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipping") == 4
+    assert printed.count("skipping") == 4, printed
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "nothing rewritten"
 
     # A removed shard index is detected and only that split is redone.
@@ -490,12 +387,17 @@ def test_cli_commands_and_user_errors(tmp_path, capsys):
     assert data_main(["data", "tokenize", "--input", corpus, "--tokenizer", str(tmp_path / "tok.model"),
                       "--out", str(tmp_path / "x_text_document"), "--no-progress"]) == 0
     assert "documents" in capsys.readouterr().out
-    # Second time without --overwrite: a one-line user error, exit code 2.
+    # The same command again: already complete, nothing to do.
     assert data_main(["data", "tokenize", "--input", corpus, "--tokenizer", str(tmp_path / "tok.model"),
-                      "--out", str(tmp_path / "x_text_document"), "--no-progress"]) == 2
+                      "--out", str(tmp_path / "x_text_document"), "--no-progress"]) == 0
+    # Other options on an existing output without --overwrite: a one-line user error, exit code 2.
+    assert data_main(["data", "tokenize", "--input", corpus, "--tokenizer", str(tmp_path / "tok.model"),
+                      "--out", str(tmp_path / "x_text_document"), "--no-progress", "--shard-size", "1MiB"]) == 2
     err = capsys.readouterr().err
-    assert "already exists" in err and err.count("\n") == 1
+    assert "already exists" in err and "--overwrite" in err and err.count("\n") == 1
     assert data_main(["data", "tokenize", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer",
                       str(tmp_path / "tok.model"), "--out", str(tmp_path / "y")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    assert not list(tmp_path.glob("y*")), "nothing written before the error"
     assert data_main(["data"]) == 2  # no subcommand: help, error status
