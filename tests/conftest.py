@@ -23,3 +23,21 @@ def model_parallel():
     with single_process_model_parallel():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         yield
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo corpus, tokenizer and shards, built once per session (about 15 s).
+
+    MESH_TEST_DEMO_DATA=DIR reuses an existing `mesh data prepare-demo` output instead.
+    """
+    from pathlib import Path
+
+    existing = os.environ.get("MESH_TEST_DEMO_DATA")
+    if existing:
+        return Path(existing)
+    from data_prep.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo-data")
+    prepare_demo(out, progress=False)
+    return out

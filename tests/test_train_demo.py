@@ -13,15 +13,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> Path:
-    from data_prep.demo import prepare_demo
-
-    out = tmp_path_factory.mktemp("demo-data")
-    prepare_demo(out, progress=False)
-    return out
-
-
 def run_mesh(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
     return subprocess.run([sys.executable, "-m", "mesh_cli", *args], capture_output=True, text=True,
