@@ -114,6 +114,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    recompute: list[str] = field(default_factory=list)
+    """Activation checkpointing: recompute these layers in backward instead of keeping
+    their activations. Entries: "prelude", "core" (every loop), "core@K" (loop K
+    only), "coda". Empty: keep everything."""
     init_seed: int = 1234
     """Each layer, the embedding, the head and the routers draw their initial weights
     from their own seed derived from this one, so initialisation does not depend on
@@ -149,6 +153,7 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        self._check_recompute()
         if self.make_vocab_size_divisible_by <= 0:
             raise ConfigError("model.make_vocab_size_divisible_by must be positive")
 
@@ -200,6 +205,23 @@ class ModelConfig:
                 f"model.buffer_slots={self.buffer_slots!r} must be an integer >= 2 for mesh "
                 "(slot 0 holds the embeddings; at least one more slot is needed for writes)"
             )
+
+    def _check_recompute(self) -> None:
+        loops = self.split.loops
+        for entry in self.recompute:
+            block, _, loop = str(entry).partition("@")
+            ok = block in ("prelude", "core", "coda") and (
+                not loop or (block == "core" and loop.isdigit() and int(loop) < loops)
+            )
+            if not ok:
+                raise ConfigError(
+                    f"model.recompute entry {entry!r} is not one of prelude, core, coda or core@K "
+                    f"with 0 <= K < N_loop={loops}"
+                )
+
+    def recomputes(self, block: str, loop: int | None) -> bool:
+        """Whether a layer of `block` (in loop `loop`, for the core) is recomputed in backward."""
+        return block in self.recompute or (loop is not None and f"{block}@{loop}" in self.recompute)
 
     # --- derived ------------------------------------------------------------
     @property

@@ -30,6 +30,7 @@ from megatron.core.models.backends import BackendSpecProvider
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import MegatronModule
@@ -251,7 +252,14 @@ class MeshLanguageModel(LanguageModule):
         for op in self.ops:
             if op.kind == "layer":
                 layer = getattr(self, op.block).layers[str(op.index)]
-                state.hidden = layer(state.hidden, attention_mask, rotary_pos_emb=rotary_pos_emb)
+                if self.training and self.model_config.recomputes(op.block, op.loop):
+                    # Keep only this layer's input; rerun it in backward (RNG restored).
+                    state.hidden = tensor_parallel.checkpoint(
+                        lambda h, m, r, layer=layer: layer(h, m, rotary_pos_emb=r),
+                        False, state.hidden, attention_mask, rotary_pos_emb,
+                    )
+                else:
+                    state.hidden = layer(state.hidden, attention_mask, rotary_pos_emb=rotary_pos_emb)
             elif op.kind == "begin":
                 self.recurrence.begin(state)
             elif op.kind == "loop_start":
