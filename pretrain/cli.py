@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -12,12 +13,29 @@ def _train(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.train import run
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # validate before launching anything
+    if args.nproc_per_node > 1:
+        from pretrain.train import check_startup
+
+        check_startup(config, world_size=args.nproc_per_node)
+        return _launch_torchrun(args)
     result = run(config)
     final = result.final_eval
-    if final is not None:
+    if final is not None and os.environ.get("RANK", "0") == "0":
         print(f"final validation loss {final['loss']:.4f}, perplexity {final['ppl']:.2f}")
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """Re-runs this training command as N local processes under torchrun."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
+           "--max-restarts", "0", "-m", "pretrain", args.config, *args.overrides]
+    return subprocess.call(cmd, env=env)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,6 +80,8 @@ def register(subparsers) -> None:
         ),
     )
     train.add_argument("config", help="YAML config file (see configs/)")
+    train.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                       help="launch N local processes with torchrun (world size = TP x PP x DP)")
     train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
                        help="override config values, e.g. optim.lr=3e-4")
     train.set_defaults(func=_train)
