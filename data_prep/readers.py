@@ -38,9 +38,11 @@ from data_prep.tokenizer import file_sha256
 
 #: Decompressed bytes asked for per read.
 READ_BLOCK = 1 << 20
-#: Compressed bytes fed to zstd per step; bounds one step's output to
-#: (block x compression ratio), tens of MB even for very repetitive text.
-ZSTD_RAW_BLOCK = 1 << 16
+#: Compressed bytes fed to zstd per step. One step's output is this times the
+#: compression ratio: ~100 KB for text (ratio 3-10), at most 256 MB for
+#: degenerate input (zstd's run-length blocks reach 32768:1). Smaller steps
+#: cost Python calls: at 8 KiB, a few minutes over all of the Pile.
+ZSTD_RAW_BLOCK = 8 << 10
 #: Rows per batch read from parquet files and Hugging Face datasets.
 ROW_BATCH = 1024
 #: Chunk-size accounting for a row whose text is not a string, so a column of
@@ -243,10 +245,13 @@ class JsonLinesReader:
             buf.extend(b"\n")  # placeholder keeps line numbers right
             skipping = None
 
+        # read1: at most one underlying read, so the data decoded just before
+        # damage is returned instead of being lost with the exception.
+        read_block = getattr(stream, "read1", stream.read)
         eof = False
         while not eof:
             try:
-                block = stream.read(READ_BLOCK)
+                block = read_block(READ_BLOCK)
             except _damage_errors() as err:
                 damage = {"error": f"{type(err).__name__}: {err}", "decoded_bytes": decoded}
                 block = b""

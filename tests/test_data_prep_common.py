@@ -124,7 +124,8 @@ def read_documents(prefix) -> list[numpy.ndarray]:
 
     dataset = IndexedDataset(str(prefix))
     assert list(dataset.document_indices) == list(range(len(dataset) + 1)), "one sequence per document"
-    return [numpy.asarray(dataset[i]) for i in range(len(dataset))]
+    # Copies: the arrays are views into a memory map that closes with the dataset.
+    return [numpy.array(dataset[i]) for i in range(len(dataset))]
 
 
 def shard_files(folder) -> dict[str, str]:
