@@ -33,11 +33,16 @@ from mesh_model.config import ConfigError
 __all__ = [
     "DistributedContext",
     "check_parallel_sizes",
+    "collective_timeout_s",
     "destroy_distributed",
     "init_distributed",
 ]
 
 DEFAULT_TIMEOUT_S = 1800
+TIMEOUT_ENV = "MESH_DIST_TIMEOUT_S"
+"""Environment variable that overrides the collective timeout (seconds) when
+``init_distributed`` is not given one. Tests set it low (e.g. 60) so that a rank
+that dies or hangs fails the job within a minute instead of half an hour."""
 
 # Environment variables init_distributed filled in itself (single process); removed
 # again by destroy_distributed so that a later init starts from the same state.
@@ -80,6 +85,21 @@ def check_parallel_sizes(world_size: int, tensor_parallel: int, pipeline_paralle
             f"{model_parallel} processes"
         )
     return world_size // model_parallel
+
+
+def collective_timeout_s(timeout_s: float | None = None) -> float:
+    """The collective timeout: ``timeout_s`` if given, else $MESH_DIST_TIMEOUT_S, else 1800."""
+    if timeout_s is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not text:
+            return float(DEFAULT_TIMEOUT_S)
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if not timeout_s > 0:
+        raise ValueError(f"the collective timeout must be positive, got {timeout_s} s")
+    return float(timeout_s)
 
 
 def _free_port() -> int:
@@ -162,7 +182,7 @@ def init_distributed(
     pipeline_parallel: int,
     seed: int,
     device: str = "auto",
-    timeout_s: int = DEFAULT_TIMEOUT_S,
+    timeout_s: float | None = None,
 ) -> DistributedContext:
     """Initialises torch.distributed, megatron-core parallel state and all RNGs.
 
@@ -173,7 +193,11 @@ def init_distributed(
             tracker (``model_parallel_cuda_manual_seed``: TP ranks get distinct
             streams for tensor-parallel regions).
         device: "auto" (CUDA if available, else CPU), "cuda" or "cpu".
-        timeout_s: collective timeout of the process group.
+        timeout_s: collective timeout, in seconds, of the process group and of
+            megatron's parallel groups; default $MESH_DIST_TIMEOUT_S, else 1800.
+            A rank blocked in a collective whose peer died or hangs fails
+            after this long (gloo raises; NCCL's watchdog aborts), so the
+            launcher ends the job instead of waiting.
 
     Environment: reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
     If neither RANK nor WORLD_SIZE is set, a single process is assumed and the
@@ -198,6 +222,7 @@ def init_distributed(
             "torch.distributed / megatron parallel state is already initialised; "
             "call destroy_distributed() first"
         )
+    timeout_s = collective_timeout_s(timeout_s)
     try:
         rank, world_size, local_rank = _read_launch_env()
         data_parallel_size = check_parallel_sizes(world_size, tensor_parallel, pipeline_parallel)
@@ -236,6 +261,9 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            # megatron creates its groups (TP, PP, DP, ...) with their own timeout;
+            # without this they keep its 30-minute default.
+            distributed_timeout_minutes=timeout_s / 60,
         )
         random.seed(seed)
         np.random.seed(seed)

@@ -17,10 +17,11 @@ by AdamW with the LR of :func:`lr_at_step`.
 
 Grad-norm caveat (DeepSpeed internals, read from 0.19.8's source): parameters
 replicated across tensor-parallel ranks are counted once (checked: TP=2 gives
-the single-process norm at ZeRO 0 and 1). At ZeRO 0 and 3 DeepSpeed decides
-"replicated, count here" by the TP x PP rank, so with pipeline parallelism the
-non-tensor-parallel parameters of later stages would be left out of the norm;
-ZeRO 1/2 use the TP rank. Pipeline parallelism through this engine is untested.
+the single-process norm at ZeRO 0-3, tests/test_dist_equivalence.py). At ZeRO 3
+DeepSpeed decides "replicated, count here" by the TP x PP rank, so with
+pipeline parallelism the non-tensor-parallel parameters of later stages would
+be left out of the norm; ZeRO 1/2 use the TP rank, and so does the ZeRO-0
+clipping this module installs (:func:`_record_zero0_grad_norm`).
 """
 
 from __future__ import annotations
@@ -342,17 +343,46 @@ def build_engine(
 
 
 def _record_zero0_grad_norm(engine) -> None:
-    """DeepSpeed internals (0.19.8): at ZeRO stage 0 in fp32, the engine clips
-    through ``clip_fp32_gradients`` -> ``deepspeed.runtime.utils.clip_grad_norm_``,
-    which returns the global pre-clip norm, but the engine drops it, so
-    ``engine.get_global_grad_norm()`` stays None (ZeRO 1-3 and bf16 report it).
-    Keep it, with the same call the engine makes."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    """Replaces the ZeRO-0 fp32 clipping of DeepSpeed 0.19.8 (DeepSpeed internals).
+
+    The engine clips through ``clip_fp32_gradients`` ->
+    ``deepspeed.runtime.utils.clip_grad_norm_``, which (1) returns the global
+    pre-clip norm but the engine drops it, so ``engine.get_global_grad_norm()``
+    stays None (ZeRO 1-3 and bf16 report it), and (2) takes each parameter's
+    norm with a float32 ``Tensor.norm``. On CPU that kernel accumulates
+    sequentially and loses about n x 1e-11 relative on n elements (measured:
+    2e-5 on the demo-tiny model's 262k-element output layer, 1e-5 on a random
+    1M-element tensor), so the norm, and with it the clipping factor, was off
+    by more than the 1e-5 the equivalence tests allow.
+
+    This computes the same clipping the way ZeRO 1/2 do
+    (``get_grad_norm_direct``): per-parameter norms accumulated in float64,
+    tensor-parallel shards summed over the model-parallel group, parameters
+    replicated over TP counted on TP rank 0 only, parameters marked
+    ``ds_pipe_replicated`` skipped; then ``grad *= min(1, clip / (norm + 1e-6))``.
+    """
+    from deepspeed.runtime.utils import is_model_parallel_parameter
 
     def clip_fp32_gradients():
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
+        mpu = engine.mpu
+        tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        if not params:
+            return
+        device = params[0].grad.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            if tp_rank == 0 or is_model_parallel_parameter(p):
+                total += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
+        if mpu is not None and mpu.get_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=mpu.get_model_parallel_group())
+        norm = total.sqrt().float()
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_fp32_gradients
 
