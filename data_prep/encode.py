@@ -12,10 +12,11 @@ what makes the output independent of the worker count.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -163,15 +164,21 @@ def init_worker(tokenizer: Tokenizer, options: EncodeOptions) -> None:
 
 
 def _exit_with_parent() -> None:
-    """End this worker when the parent dies (kill -9 leaves workers waiting on
-    a queue whose other end they hold themselves, so they would never see EOF)."""
-    parent = os.getppid()
+    """End this worker when the parent dies.
+
+    After ``kill -9`` of the parent, a worker would otherwise wait forever on
+    its task queue (it holds that pipe's other end itself, so it never sees
+    EOF), keeping the output folder busy and the job step alive.
+    ``parent_process().sentinel`` becomes ready when the parent is gone, even
+    if that happened before this worker finished starting.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
 
     def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

@@ -138,12 +138,13 @@ def shard_files(folder) -> dict[str, str]:
 
 
 def stable_manifest(manifest: dict) -> dict:
-    """A manifest without what legitimately differs between runs (times, sessions, worker count)."""
+    """A manifest without what legitimately differs between runs (times, sessions, workers, fsync)."""
     manifest = json.loads(json.dumps(manifest))
     for key in ("created", "wall_seconds", "sessions", "command"):
         manifest.pop(key, None)
     manifest["options"].pop("workers", None)
     manifest["options"].pop("checkpoint_seconds", None)
+    manifest["options"].pop("durable", None)
     return manifest
 
 
