@@ -6,6 +6,15 @@ of `micro_batch_size * dp_size` consecutive samples, and data-parallel rank r
 takes slice r of each. The order depends only on the seed and the consumed
 sample count, so a run can resume at any step and any DP size sees the same
 global batches.
+
+Data prefixes (``data.train`` / ``data.valid``) may be megatron prefixes
+(``P.bin`` / ``P.idx``) or prefixes written by ``mesh data tokenize``, whose
+``P.manifest.json`` lists their shards: ``parse_blend`` expands those into the
+shard prefixes, splitting each entry's weight over its shards by token count.
+A list of several prefixes without weights is blended by token count too
+(explicit weights), which lets megatron-core build as many epochs of each as
+the run needs; without weights it would stop after one epoch of all of them.
+Weighted blends build a megatron ``BlendedDataset``.
 """
 
 from __future__ import annotations
@@ -20,11 +29,56 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from data_prep.errors import DataError
+from data_prep.manifest import resolve_data_prefix
 from pretrain.config import DataConfig
 
 
+def _token_count(prefix: str) -> Optional[int]:
+    """Tokens in a plain megatron prefix (its .idx), or None if it cannot be read."""
+    from data_prep.shards import read_index
+
+    try:
+        return int(read_index(prefix)[1].sum(dtype="int64"))
+    except (OSError, DataError):
+        return None
+
+
+def _expand(prefixes: list[str], weights: Optional[list[float]]) -> tuple[list[str], Optional[list[float]]]:
+    """Manifest prefixes -> their shards; weights split over shards by token count."""
+    groups = [resolve_data_prefix(p) for p in prefixes]
+    shards = [s for group in groups for s in group]
+    if weights is None and len(shards) == 1:
+        return [shards[0].prefix], None
+    if weights is None:
+        # Blend by size: one weight per prefix, its token count.
+        weights = []
+        for group in groups:
+            counts = [s.tokens if s.tokens is not None else _token_count(s.prefix) for s in group]
+            if any(c is None for c in counts):
+                return [s.prefix for s in shards], None  # unreadable: check_prefixes will say which
+            weights.append(float(sum(counts)))
+    out_prefixes, out_weights = [], []
+    for group, weight in zip(groups, weights):
+        if len(group) == 1:
+            out_prefixes.append(group[0].prefix)
+            out_weights.append(weight)
+            continue
+        total = sum(s.tokens for s in group)
+        for shard in group:
+            out_prefixes.append(shard.prefix)
+            out_weights.append(weight * shard.tokens / total)
+    # A zero weight means "not at all"; megatron would build an empty dataset for it.
+    kept = [(p, w) for p, w in zip(out_prefixes, out_weights) if w > 0]
+    return [p for p, _ in kept], [w for _, w in kept]
+
+
 def parse_blend(entries: list[str]) -> tuple[list[str], Optional[list[float]]]:
-    """["0.7", "a", "0.3", "b"] -> (["a", "b"], [0.7, 0.3]); ["a", "b"] -> (["a", "b"], None)."""
+    """Data prefixes (optionally alternating with weights) -> (megatron prefixes, weights or None).
+
+    ["0.7", "a", "0.3", "b"] -> (["a", "b"], [0.7, 0.3]) for plain prefixes; a
+    prefix with a manifest becomes its shards, sharing its weight by tokens.
+    ["a"] -> (["a"], None); ["a", "b"] -> (["a", "b"], [tokens of a, tokens of b]).
+    """
     if not entries:
         return [], None
 
@@ -36,12 +90,15 @@ def parse_blend(entries: list[str]) -> tuple[list[str], Optional[list[float]]]:
             return False
 
     if not is_number(entries[0]):
-        return list(entries), None
+        return _expand(list(entries), None)
     if len(entries) % 2 or not all(is_number(w) for w in entries[::2]):
         raise DataError(
             f"blend {entries} must alternate weight and prefix (e.g. ['0.7', 'a', '0.3', 'b'])"
         )
-    return list(entries[1::2]), [float(w) for w in entries[::2]]
+    weights = [float(w) for w in entries[::2]]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"blend weights {weights} must be non-negative and not all zero")
+    return _expand(list(entries[1::2]), weights)
 
 
 def check_prefixes(prefixes: list[str], what: str) -> None:
@@ -49,8 +106,8 @@ def check_prefixes(prefixes: list[str], what: str) -> None:
         missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
         if missing:
             raise DataError(
-                f"{what} prefix {prefix!r} has no {' / '.join(prefix + m for m in missing)}; "
-                "run `mesh data tokenize` (or `mesh data prepare-demo`) first"
+                f"{what} prefix {prefix!r} has no {' / '.join(prefix + m for m in missing)} "
+                f"(and no {prefix}.manifest.json); run `mesh data tokenize` (or `mesh data prepare-demo`) first"
             )
 
 
