@@ -155,11 +155,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its subcommands to the top-level CLI."""
     data = subparsers.add_parser(
         "data",
-        help="prepare training data: demo corpus, tokenizer, tokenized shards",
+        help="prepare training data: demo corpus, tokenizer, tokenized shards, inspection",
         description=(
-            "Data preparation. Input documents are JSON lines (.jsonl or zstd-compressed .jsonl.zst, "
-            'the Pile\'s format: {"text": ..., "meta": {"pile_set_name": ...}}). Output shards are '
-            "megatron-core indexed datasets (PREFIX.bin + PREFIX.idx) that training reads by PREFIX."
+            "Data preparation. Input documents are JSON lines (.jsonl, .jsonl.zst as in the Pile: "
+            '{"text": ..., "meta": {"pile_set_name": ...}}, or .jsonl.gz), parquet files or Hugging Face '
+            "datasets. Output shards are megatron-core indexed datasets (.bin + .idx) with a manifest; "
+            "training names their prefix. See docs/data_prep.md."
         ),
     )
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")

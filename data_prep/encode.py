@@ -24,6 +24,7 @@ import numpy
 
 from data_prep.errors import DataError
 from data_prep.readers import Chunk, chunk_documents
+from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
 from data_prep.skips import SkipLog
 from data_prep.splits import TRAIN, SplitAssigner
 from data_prep.tokenizer import Tokenizer
@@ -39,7 +40,7 @@ class EncodeOptions:
     val_fraction: float = 0.0
     test_fraction: float = 0.0
     split_seed: int = 1234
-    max_document_bytes: int = 64 << 20
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     #: Documents per tokenizer call; bounds the tokenizer's temporary memory.
     batch_size: int = 512
     dtype: str = "uint16"

@@ -34,6 +34,13 @@ def write_json_atomic(path: str, data: dict, durable: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        # The rename itself (and the shard renames before it) must reach the disk too.
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_progress(out_prefix: str) -> Optional[dict]:

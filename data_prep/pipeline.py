@@ -41,8 +41,8 @@ import numpy
 from data_prep import faults
 from data_prep.encode import ChunkEncoder, EncodedChunk, EncodeOptions, encode_in_worker, init_worker
 from data_prep.errors import DataError
-from data_prep.groups import OTHER_LABEL, UNLABELLED_LABEL, GroupTable
-from data_prep.inputs import HFDatasetInput, InputFile, check_distinct, check_hf_dataset, resolve_files, select_for_node
+from data_prep.groups import UNLABELLED_LABEL, GroupTable
+from data_prep.inputs import HFDatasetInput, check_distinct, check_hf_dataset, resolve_files, select_for_node
 from data_prep.journal import commit_progress, load_progress, progress_path, remove_progress
 from data_prep.manifest import (
     MANIFEST_FORMAT,
@@ -55,6 +55,7 @@ from data_prep.manifest import (
 from data_prep.plan import InputEnd, ResumePoint, iter_plan
 from data_prep.progress import TokenizeProgress
 from data_prep.readers import open_hf_dataset
+from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
 from data_prep.shards import OpenShard, remove_shard_files, token_dtype
 from data_prep.skips import SkipLog
 from data_prep.splits import SPLITS, TEST, VAL
@@ -64,7 +65,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_SHARD_BYTES = 4 * GiB
 DEFAULT_CHUNK_BYTES = 1 * MiB
-DEFAULT_MAX_DOCUMENT_BYTES = 64 * MiB
 DEFAULT_MAX_SETS = 64
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 #: Chunks in flight per worker: enough to keep workers busy while the parent
@@ -219,6 +219,12 @@ def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
         if overwrite:
             _remove_files(output_files(run_manifest, manifest))
         elif manifest.get("fingerprint") == fingerprint and manifest.get("complete"):
+            missing = [p for p in output_files(run_manifest, manifest) if not os.path.isfile(p)]
+            if missing:
+                raise DataError(
+                    f"output {out!r} is complete by its manifest but {len(missing)} of its files are gone "
+                    f"(e.g. {missing[0]}); rerun with --overwrite to rebuild it"
+                )
             return "complete", manifest
         else:
             raise DataError(
@@ -683,11 +689,44 @@ def tokenize_corpus(
     if folder:
         os.makedirs(folder, exist_ok=True)
     fingerprint = _fingerprint(resolved, tokenizer, options, splitting)
-    action, state = _check_output(out, fingerprint, overwrite, splitting, options.shard_bytes)
-    if action == "complete":
-        return state
-    run = _Run(out, resolved, tokenizer, options, splitting, fingerprint, command, progress)
-    return run.run(state if action == "resume" else None)
+    with _RunLock(out):
+        action, state = _check_output(out, fingerprint, overwrite, splitting, options.shard_bytes)
+        if action == "complete":
+            print(f"{out}: already complete with these inputs and options; nothing to do", file=sys.stderr)
+            return state
+        run = _Run(out, resolved, tokenizer, options, splitting, fingerprint, command, progress)
+        return run.run(state if action == "resume" else None)
+
+
+class _RunLock:
+    """An exclusive lock on an output prefix: two runs writing one output would corrupt it.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run
+    never leaves a stale lock behind (the empty lock file itself is harmless).
+    """
+
+    def __init__(self, out: str) -> None:
+        self.path = out + ".lock"
+        self._file = None
+
+    def __enter__(self) -> "_RunLock":
+        import fcntl
+
+        self._file = open(self.path, "a")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            self._file.close()
+            raise DataError(f"another run is writing {self.path[:-5]!r} right now (it holds {self.path}); "
+                            "wait for it or stop it") from err
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        self._file.close()
 
 
 def output_is_complete(out: str, tokenizer: Optional[Tokenizer] = None) -> bool:

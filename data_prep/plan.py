@@ -46,9 +46,10 @@ def iter_plan(
     max_record_bytes: int,
     text_key: str,
     set_key: str,
-    start: ResumePoint = ResumePoint(),
+    start: Optional[ResumePoint] = None,
 ) -> Iterator[Union[Chunk, InputEnd]]:
     """Yield the chunks from ``start.next_chunk`` on, and an InputEnd after each input."""
+    start = start or ResumePoint()
     finished = start.finished_inputs or {}
     index = 0
     for input_index, item in enumerate(inputs):

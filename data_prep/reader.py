@@ -15,11 +15,11 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from data_prep.inputs import InputFile, resolve_files
 from data_prep.readers import chunk_documents, open_reader
+from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
 from data_prep.skips import SkipLog, SkipReason  # noqa: F401  (SkipReason: re-exported for callers)
 
 #: Chunking is irrelevant when reading serially; any size works.
 _CHUNK_BYTES = 1 << 20
-DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
 
 
 @dataclass

@@ -17,6 +17,11 @@ from typing import Any, Optional
 
 from data_prep.skips import SkipReason
 
+#: Default bound on one document (its JSON line, or its text for columnar
+#: inputs). The Pile's largest documents are a few MB; 64 MiB keeps any
+#: sane document and stops a missing newline from making a gigabyte "line".
+DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
+
 #: A record's outcome: (text, text as UTF-8, subset name, None) for a document,
 #: (None, None, None, (reason, detail)) for a skipped record.
 Outcome = tuple[Optional[str], Optional[bytes], Optional[str], Optional[tuple[str, str]]]

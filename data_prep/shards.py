@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Optional
-
 import numpy
 
 from data_prep.errors import DataError

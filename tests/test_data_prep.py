@@ -12,7 +12,6 @@ import json
 import os
 import warnings
 
-import numpy
 import pytest
 import zstandard
 
@@ -29,7 +28,6 @@ from data_prep.train_tokenizer import (
     tokenizer_is_complete,
     train_sentencepiece,
 )
-from data_prep.writer import JsonlZstWriter, pile_record
 
 from tests.test_data_prep_common import TRICKY_DOCS, write_zst as _write_zst
 
@@ -390,6 +388,7 @@ def test_cli_commands_and_user_errors(tmp_path, capsys):
     # The same command again: already complete, nothing to do.
     assert data_main(["data", "tokenize", "--input", corpus, "--tokenizer", str(tmp_path / "tok.model"),
                       "--out", str(tmp_path / "x_text_document"), "--no-progress"]) == 0
+    assert "already complete" in capsys.readouterr().err
     # Other options on an existing output without --overwrite: a one-line user error, exit code 2.
     assert data_main(["data", "tokenize", "--input", corpus, "--tokenizer", str(tmp_path / "tok.model"),
                       "--out", str(tmp_path / "x_text_document"), "--no-progress", "--shard-size", "1MiB"]) == 2
