@@ -25,7 +25,10 @@ so that machine noise hits all of them alike:
   rotary on 25% of each head, the same recurrence equations), with the same
   parameter count (checked), stepped by the same loop on the same shapes.
   Stack minus this = the whole framework overhead (megatron's layers too).
-  Target: the stack within 10% of it.
+  Target: the stack within 10% of it. On CPU it runs with the CPU shim's
+  TorchFunctionMode disabled (``pretrain/cpu_shim.py`` routes every torch
+  call of the process through Python to map ``device="cuda"``); the variant
+  ``plain nn.Module, CPU shim on`` measures what the shim alone costs.
 
 Each multi-rank layout runs under ``torchrun`` with the cores divided between
 the ranks (OMP_NUM_THREADS = cores / world size). Reported per layout: median
@@ -274,10 +277,18 @@ def worker(args) -> None:
             raise SystemExit(f"the plain model has {param_counts['plain nn.Module']:,} parameters, "
                              f"the stack {param_counts['stack']:,}: not the same shape")
 
-        def make_step(model, loss_fn):
+        def make_step(model, loss_fn, without_shim=False):
             optimizer = make_optimizer(model, config)
 
             def step():
+                if without_shim:
+                    # pretrain/cpu_shim.py's TorchFunctionMode sees every torch call of this
+                    # process; a plain PyTorch program would not have it.
+                    with torch._C.DisableTorchFunction():
+                        return run_step()
+                return run_step()
+
+            def run_step():
                 total = 0.0
                 for i in range(accum):
                     loss = loss_fn(model, tokens[i, :, :-1], tokens[i, :, 1:])
@@ -294,8 +305,13 @@ def worker(args) -> None:
         def megatron_loss(model, x, y):
             return masked_mean(model(x, positions, mask, labels=y), {"loss_mask": ones})
 
+        from pretrain.cpu_shim import is_cpu_shim_applied
+
         timers["megatron+AdamW"] = make_step(megatron_model, megatron_loss)
-        timers["plain nn.Module"] = make_step(plain, lambda model, x, y: model(x, y))
+        timers["plain nn.Module"] = make_step(plain, lambda model, x, y: model(x, y), without_shim=True)
+        if is_cpu_shim_applied():
+            plain_shim = plain_model(config.model).to(device=device, dtype=dtype)
+            timers["plain nn.Module, CPU shim on"] = make_step(plain_shim, lambda model, x, y: model(x, y))
 
     def timed(fn) -> float:
         sync()
@@ -329,6 +345,7 @@ def worker(args) -> None:
 def launch(layout: str, args, tmp: Path) -> dict:
     tp, pp, dp = parse_layout(layout)
     world = tp * pp * dp
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / f"{layout}.json"
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -356,6 +373,16 @@ def launch(layout: str, args, tmp: Path) -> dict:
                  if "warn" not in l.lower() and "Error" in l or l.startswith("[rank")]
         raise SystemExit(f"layout {layout} failed (exit {result.returncode}):\n" + "\n".join(lines[-40:]))
     return json.loads(out.read_text())
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One layout's launches pooled: all step times together, medians over all of them."""
+    merged = dict(results[0])
+    merged["all_step_s"] = {name: [t for r in results for t in r["all_step_s"][name]]
+                            for name in results[0]["all_step_s"]}
+    merged["median_step_s"] = {name: statistics.median(v) for name, v in merged["all_step_s"].items()}
+    merged["rounds"] = len(results)
+    return merged
 
 
 def peak_flops(args) -> float | None:
@@ -400,7 +427,7 @@ def report(results: list[dict], args) -> dict:
         "benchmark": "parallel_step",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": args.config, "overrides": args.overrides,
-        "steps_per_repeat": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+        "steps_per_repeat": args.steps, "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "peak_flops": peak},
@@ -412,15 +439,16 @@ def report(results: list[dict], args) -> dict:
 def print_table(summary: dict) -> None:
     print(f"\n`python bench/parallel_step.py` ({summary['date'][:10]}, {summary['machine']['cpus']} CPUs"
           f"{', ' + summary['machine']['gpu'] if summary['machine']['gpu'] else ''}; config {summary['config']} "
-          f"{' '.join(summary['overrides'])}; median of {summary['repeats']} x {summary['steps_per_repeat']} steps):\n")
+          f"{' '.join(summary['overrides'])}; median of {summary['rounds']} launches x {summary['repeats']} x "
+          f"{summary['steps_per_repeat']} steps):\n")
     has_mfu = any("mfu" in r for r in summary["layouts"])
     print("| layout (TPxPPxDP) | world | step (s) | tokens/s | step vs world 1 | model GFLOP/s |"
           + (" MFU |" if has_mfu else ""))
     print("|---|---|---|---|---|---|" + ("---|" if has_mfu else ""))
     for r in summary["layouts"]:
-        line = (f"| {r['layout']} | {r['world']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-                f"{r['vs_world1']:.2f} | {r.get('model_gflops', float('nan')):.1f} |" if r["vs_world1"] is not None
-                else f"| {r['layout']} | {r['world']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | - | - |")
+        ratio = f"{r['vs_world1']:.2f}" if r["vs_world1"] is not None else "-"
+        gflops = f"{r['model_gflops']:.1f}" if "model_gflops" in r else "-"
+        line = f"| {r['layout']} | {r['world']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | {gflops} |"
         if has_mfu:
             line += f" {100 * r['mfu']:.1f}% |" if "mfu" in r else " - |"
         print(line)
@@ -447,6 +475,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="round-robin repeats")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="launches per layout, round-robin over the layouts (samples pooled)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per rank (default: all cores at world size 1, cores / world size otherwise)")
     parser.add_argument("--stack-only", action="store_true", help="skip the plain-PyTorch baselines")
@@ -477,8 +507,12 @@ def main(argv=None) -> int:
         from data_prep.demo import prepare_demo
 
         prepare_demo(data_dir)
+    rounds: dict[str, list[dict]] = {layout: [] for layout in layouts}
     with tempfile.TemporaryDirectory(prefix="parallel-step-") as tmp:
-        results = [launch(layout, args, Path(tmp)) for layout in layouts]
+        for index in range(args.rounds):  # round-robin over the layouts: slow drifts in load hit all
+            for layout in layouts:
+                rounds[layout].append(launch(layout, args, Path(tmp) / f"round{index}"))
+    results = [merge_rounds(rounds[layout]) for layout in layouts]
     summary = report(results, args)
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

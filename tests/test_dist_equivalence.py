@@ -27,7 +27,9 @@ import pytest
 
 from tests.parallel.harness import Run, assert_equivalent, compare, run_plan
 
-pytestmark = pytest.mark.slow
+# The first test that needs a launch pays for it (up to a few minutes on a busy 2-core
+# machine); every launch has its own subprocess timeout as well.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MESH = ["model.variant=mesh", "model.layer_split=1+2R2+1", "model.num_layers=6"]
 VARIANT = {
@@ -147,9 +149,8 @@ def test_grad_norm_counts_tp_replicated_parameters_once(dist_results, layout):
         assert hand == pytest.approx(single, rel=1e-5), f"step {step}: by hand {hand} vs single process {single}"
         # The test can tell: a double count would be off by far more than the tolerance.
         assert abs(double - single) / single > 100 * 1e-5, (step, double, single)
-    # The replicated parameters' gradients themselves (routers included) match.
-    routers = [n for n in ref["grads"] if n.startswith("recurrence.routers.")]
-    assert routers, "no MeSH routers in the recorded gradients"
+    # The recorded split saw the routers (replicated over TP) as well.
+    assert any(n.startswith("recurrence.routers.") for n in run["grads"]), "no MeSH routers recorded"
 
 
 def test_router_gradients_under_tensor_parallelism(dist_results):
@@ -159,11 +160,13 @@ def test_router_gradients_under_tensor_parallelism(dist_results):
     ref, run = dist_results("mesh-z1"), dist_results("mesh-tp2-z1")
     report = compare(ref, run)
     assert report["grad_worst_ratio"] <= 1.0, report
-    for name in (n for n in ref["grads"] if n.startswith("recurrence.routers.")):
+    rms_all = math.sqrt(sum(g.square().sum().item() for g in ref["grads"].values())
+                        / sum(g.numel() for g in ref["grads"].values()))
+    routers = [n for n in ref["grads"] if n.startswith("recurrence.routers.")]
+    assert len(routers) == 2 * 2 * 3, routers  # (write, read) x (weight, bias) x (N_loop + 1)
+    for name in routers:
         expected, got = ref["grads"][name], run["grads"][name]
         assert expected.norm() > 0, name
-        rms_all = math.sqrt(sum(g.square().sum().item() for g in ref["grads"].values())
-                            / sum(g.numel() for g in ref["grads"].values()))
         allowed = 1e-5 * (expected.norm().item() + rms_all * math.sqrt(expected.numel()))
         assert (got - expected).norm().item() <= allowed, name
         assert (run["params"][name] - ref["params"][name]).norm() <= 1e-5 * ref["params"][name].norm() + 1e-6
