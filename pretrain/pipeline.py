@@ -18,9 +18,8 @@ Design (see also mesh_model/unrolled.py):
 - Stages exchange the packed RecurrentState: its width differs per boundary, so
   the schedule's tensor shapes are set per stage through `adjust_tensor_shapes_fn`.
 
-Supported: ZeRO-1 (DeepSpeed's own pipeline engine also refuses ZeRO-2/3, and
-its ZeRO-0 path picks replicated parameters for the norm by TP x PP rank, which
-miscounts under PP). The non-interleaved 1F1B schedule only: the interleaved
+Supported: ZeRO-1 (DeepSpeed's own pipeline engine also refuses ZeRO-2/3;
+ZeRO-0 with PP is untested, so refused). The non-interleaved 1F1B schedule only: the interleaved
 one does not accept per-stage tensor shapes.
 """
 
@@ -45,8 +44,8 @@ def check_pipeline_config(zero_stage: int, pipeline: int, untie_embeddings: bool
     if zero_stage != 1:
         raise ConfigError(
             f"parallel.pipeline={pipeline} needs parallel.zero_stage=1 (got {zero_stage}): DeepSpeed "
-            "does not partition gradients across pipeline stages (ZeRO-2/3), and its ZeRO-0 "
-            "gradient norm miscounts pipeline-replicated parameters"
+            "does not partition gradients across pipeline stages (ZeRO-2/3), and ZeRO-0 with a "
+            "pipeline is untested"
         )
     if not untie_embeddings:
         raise ConfigError("model.untie_embeddings=false is not supported with parallel.pipeline > 1")

@@ -73,6 +73,15 @@ def check_startup(config: RunConfig, world_size: int) -> None:
             f"parallel.tensor={config.parallel.tensor} does not divide "
             f"model.num_attention_heads={config.model.num_attention_heads}"
         )
+    tp = config.parallel.tensor
+    if config.model.padded_vocab_size % tp:
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide the padded vocabulary {config.model.padded_vocab_size} "
+            f"(model.vocab_size={config.model.vocab_size} padded to a multiple of "
+            f"model.make_vocab_size_divisible_by={config.model.make_vocab_size_divisible_by}); make that a multiple of {tp}"
+        )
+    if config.model.ffn_size % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide the FFN width {config.model.ffn_size}")
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no GPU is visible; use train.device=cpu or auto")
     if not Path(config.data.tokenizer).is_file():

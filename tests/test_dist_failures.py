@@ -90,10 +90,6 @@ def test_config_level_refusals(demo_data, tmp_path):
         tiny_config(demo_data, tmp_path, "parallel.zero_stage=4")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "not yet checked at start-up: TP=3 over the demo's 4096-token vocabulary fails inside megatron's "
-    "VocabParallelEmbedding ('4096 is not divisible by 3') after the process group exists; "
-    "pretrain/train.py check_startup should refuse it (see docs/parallelism.md)"))
 def test_tp_must_divide_the_padded_vocabulary(demo_data, tmp_path):
     from pretrain.train import check_startup
 
