@@ -17,6 +17,7 @@ _REGISTRARS = [
     "mesh_model.params",
     "data_prep.cli",
     "pretrain.cli",
+    "pretrain.ckpt_cli",
 ]
 
 
@@ -28,8 +29,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: one line, no traceback."""
     from data_prep.errors import DataError
     from mesh_model.config import ConfigError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.train import TrainingDiverged
 
-    return (CLIError, ConfigError, DataError, FileNotFoundError, FileExistsError)
+    return (CLIError, ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:

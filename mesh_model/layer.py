@@ -11,8 +11,11 @@ so this module provides a small layer class over the same submodules
 the parallel linears are megatron-core's; nothing here re-implements them.
 
 Two specs:
-- local: plain megatron-core modules (`ColumnParallelLinear`, `DotProductAttention`,
-  torch LayerNorm). Works everywhere, including CPU.
+- local: megatron-core's column/row parallel linears, with core attention on torch's
+  fused `scaled_dot_product_attention` (mesh_model/attention.py; megatron's own
+  `DotProductAttention` materialises the score matrix) and a torch LayerNorm that
+  supports sequence parallelism (megatron's wrapped torch norm refuses it). Works
+  everywhere, including CPU.
 - Transformer Engine: the norms fused into `TELayerNormColumnParallelLinear` for QKV
   and FC1, and TE's fused attention. Chosen automatically when TE is importable.
   Fusing ln1 into QKV and ln2 into FC1 is exactly right for a parallel-residual
@@ -26,7 +29,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -34,6 +39,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mesh_model.attention import SDPAttention
 
 
 def transformer_engine_available() -> bool:
@@ -89,6 +96,11 @@ class NeoXLayer(MegatronModule):
         output, bias = output_and_bias
         if bias is not None:
             output = output + bias
+        if self.config.sequence_parallel and self.training and self.config.hidden_dropout > 0:
+            # Each TP rank holds different tokens: draw the mask from its own stream
+            # (without sequence parallelism the stream is shared, as the state is replicated).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.dropout(output, p=self.config.hidden_dropout, training=True)
         return F.dropout(output, p=self.config.hidden_dropout, training=self.training)
 
     def forward(
@@ -144,6 +156,36 @@ def neox_layer_spec(backend: BackendSpecProvider, parallel_residual: bool = True
     )
 
 
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm, built from megatron's norm arguments (as `WrappedTorchNorm` does).
+
+    Under sequence parallelism each TP rank normalises only its slice of the
+    sequence, so the weight and bias get partial gradients; they are marked
+    `sequence_parallel` (megatron's attribute, also set by its fused and TE norms)
+    and the trainer sums their gradients over the TP group
+    (pretrain/sequence_parallel.py).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "LayerNorm":
+            raise ValueError(f"mesh_model.layer.LayerNorm is a LayerNorm, not {config.normalization}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+class MeshLocalSpecProvider(LocalSpecProvider):
+    """megatron's local backend with SDPA core attention and a sequence-parallel-aware norm."""
+
+    def core_attention(self) -> type:
+        return SDPAttention
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        norm = super().layer_norm(rms_norm=rms_norm, for_qk=for_qk)
+        # apex's FusedLayerNorm (when installed) already supports sequence parallelism.
+        return LayerNorm if norm is WrappedTorchNorm and not rms_norm else norm
+
+
 def default_backend(use_transformer_engine: Optional[bool] = None) -> BackendSpecProvider:
     """TE when it is importable and a GPU is present (or when asked for), else local."""
     if use_transformer_engine is None:
@@ -152,4 +194,4 @@ def default_backend(use_transformer_engine: Optional[bool] = None) -> BackendSpe
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()
-    return LocalSpecProvider()
+    return MeshLocalSpecProvider()

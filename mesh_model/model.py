@@ -156,6 +156,10 @@ class MeshLanguageModel(LanguageModule):
                 | {op.loop + 1 for op in self.ops if op.kind == "loop_end"}
             )
             self.recurrence = build_recurrence(model_config, router_steps)
+            # Under sequence parallelism the routers see only this TP rank's tokens:
+            # their gradients are partial sums, to be summed over TP like the norms'.
+            for param in self.recurrence.parameters():
+                param.sequence_parallel = config.sequence_parallel
         fields = self.recurrence.fields() if self.recurrence is not None else None
         self.recv_fields = [] if self.pre_process else live_fields(program, stages[pipeline_rank].start, fields)
         self.send_fields = [] if self.post_process else live_fields(program, stages[pipeline_rank].stop, fields)
@@ -245,7 +249,12 @@ class MeshLanguageModel(LanguageModule):
             state = unpack(self.input_tensor, self.recv_fields, self.model_config.hidden_size,
                            self.model_config.buffer_slots or 0)
         state.trace = trace
-        rotary_pos_emb = self.rotary_pos_emb(state.hidden.shape[0])
+        # With sequence parallelism this rank holds s / TP positions of the residual
+        # stream, but attention runs on the whole (all-gathered) sequence.
+        sequence_length = state.hidden.shape[0]
+        if self.config.sequence_parallel:
+            sequence_length *= self.config.tensor_model_parallel_size
+        rotary_pos_emb = self.rotary_pos_emb(sequence_length)
 
         # The unrolled program: layers of prelude / core (once per loop) / coda, and the
         # recurrence events between them (see unrolled.py and recurrence.py).
@@ -285,14 +294,24 @@ def build_model(
     pipeline_rank: int = 0,
     pipeline_layout: Optional[list[int]] = None,
     params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
     use_transformer_engine: Optional[bool] = None,
 ) -> MeshLanguageModel:
-    """Builds this rank's model (its pipeline stage) on the current parallel state."""
+    """Builds this rank's model (its pipeline stage) on the current parallel state.
+
+    `sequence_parallel` (TP > 1): megatron's sequence parallelism. The residual
+    stream, norms, dropout and the MeSH recurrence work on s / TP positions per
+    rank; the column-parallel linears all-gather the sequence and the row-parallel
+    ones reduce-scatter it. Parameters that then see only part of the tokens are
+    marked `sequence_parallel`; their gradients must be summed over TP
+    (pretrain/sequence_parallel.py does it for training).
+    """
     transformer_config = build_transformer_config(
         model_config,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         params_dtype=params_dtype,
+        sequence_parallel=sequence_parallel,
     )
     return MeshLanguageModel(
         transformer_config,

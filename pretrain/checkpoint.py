@@ -294,13 +294,16 @@ def _materialize_adam_state(engine, step: float) -> None:
     ZeRO >= 1) fp32 parameters the optimizer steps.
     """
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            base.state[p] = {
-                "step": torch.tensor(step, dtype=torch.float32),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
+    # DeepSpeed internals (0.19.8): ZeRO-3 puts its flat fp32 partitions into the
+    # param groups only while it steps them.
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    params = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
+    for p in params:
+        base.state[p] = {
+            "step": torch.tensor(step, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
     _link_optimizer_views(engine)
 
 

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     final = result.final_eval
     if final is not None and os.environ.get("RANK", "0") == "0":
         print(f"final validation loss {final['loss']:.4f}, perplexity {final['ppl']:.2f}")
-    return 0
+    return result.exit_code
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -31,11 +31,22 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     import subprocess
     import sys
 
+    from pretrain.config import load_config
+    from pretrain.signals import REQUEUE_EXIT_CODE
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    # torchrun passes these on to the workers (SIGUSR1 would otherwise kill torchrun itself)
+    # and gives them 30 s to save before it kills them.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-           "--max-restarts", "0", "-m", "pretrain", args.config, *args.overrides]
-    return subprocess.call(cmd, env=env)
+           "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "-m", "pretrain", args.config, *args.overrides]
+    code = subprocess.call(cmd, env=env)
+    # torchrun reports a worker's exit code 75 as a plain failure; rank 0's marker says what it was.
+    marker = Path(load_config(args.config, args.overrides).logging.run_dir) / "INTERRUPTED"
+    if code != 0 and marker.exists():
+        return REQUEUE_EXIT_CODE
+    return code
 
 
 def _demo(args: argparse.Namespace) -> int:

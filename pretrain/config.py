@@ -79,6 +79,12 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (0-3) for optimizer state / gradients / parameters."""
     pipeline_layout: list[int] = field(default_factory=list)
     """Layers of the unrolled graph per pipeline stage, e.g. [7, 6, 6, 5]; empty = even."""
+    sequence_parallel: bool = False
+    """megatron sequence parallelism (needs tensor >= 2): norms, dropout, residual and the
+    MeSH recurrence work on seq_length / tensor positions per TP rank (pretrain/sequence_parallel.py)."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank (megatron's interleaved 1F1B). Only 1 is supported;
+    pretrain/pipeline.py (check_virtual_pipeline) says why."""
 
     def validate(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:
@@ -105,9 +111,19 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation (each rank)."""
     log_interval: int = 10
+    stop_after_step: int = 0
+    """Save and stop after this step, as if the run ended there (0: run to train.steps); the
+    schedule and data order stay those of the full run, so a later start continues exactly."""
+    max_minutes: float = 0.0
+    """Save and exit with code 75 (requeue) once this much wall time has passed, e.g. before
+    a cluster's time limit (0: no limit)."""
+    max_skipped_steps: int = 5
+    """Steps with a non-finite loss or gradient norm are skipped (no update); this many in a
+    row stop the run, keeping the last good checkpoint."""
 
     def validate(self) -> None:
-        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_batches", "log_interval"):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_batches", "log_interval",
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
@@ -117,6 +133,8 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} must be auto, cpu or cuda")
+        if self.stop_after_step < 0 or self.max_minutes < 0:
+            raise ConfigError("train.stop_after_step and train.max_minutes must be >= 0")
         if self.eval_interval < 0:
             raise ConfigError(f"train.eval_interval={self.eval_interval} must be >= 0 (0 = only at the end)")
 
@@ -125,7 +143,31 @@ class TrainConfig:
 class CheckpointConfig:
     dir: Optional[str] = None
     """Default: <run_dir>/checkpoints."""
+    save_interval: int = 0
+    """Save every N optimizer steps (0: only at the end and on a signal)."""
+    save_interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0: off)."""
     save_at_end: bool = True
+    keep_last: int = 3
+    """Complete checkpoints kept, newest first (0: keep all)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, forever (0: none)."""
+    log_spaced: bool = False
+    """Also save and keep steps 1, 2, 4, 8, ... (Pythia's early checkpoints, for scaling-law studies)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in `dir` if there is one; none: refuse a
+    run folder that already holds a run; or a checkpoint directory to start from."""
+    verify_checksums: bool = True
+    """Check every file's sha256 before resuming from a checkpoint."""
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name}={getattr(self, name)} must be >= 0")
+        if self.save_interval_minutes < 0:
+            raise ConfigError(f"checkpoint.save_interval_minutes={self.save_interval_minutes} must be >= 0")
+        if not self.resume:
+            raise ConfigError("checkpoint.resume is empty; use auto, none or a checkpoint directory")
 
 
 @dataclass
@@ -152,7 +194,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.data, self.optim, self.parallel, self.train, self.logging):
+        for section in (self.data, self.optim, self.parallel, self.train, self.checkpoint, self.logging):
             section.validate()
         if self.train.bf16 and self.parallel.zero_stage == 0:
             raise ConfigError(

@@ -21,7 +21,8 @@ the single-process norm at ZeRO 0-3, tests/test_dist_equivalence.py). At ZeRO 3
 DeepSpeed decides "replicated, count here" by the TP x PP rank, so with
 pipeline parallelism the non-tensor-parallel parameters of later stages would
 be left out of the norm; ZeRO 1/2 use the TP rank, and so does the ZeRO-0
-clipping this module installs (:func:`_record_zero0_grad_norm`).
+clipping this module installs (:func:`_record_zero0_grad_norm`), which
+also skips non-finite steps as ZeRO 1-3 do.
 """
 
 from __future__ import annotations
@@ -343,7 +344,8 @@ def build_engine(
 
 
 def _record_zero0_grad_norm(engine) -> None:
-    """Replaces the ZeRO-0 fp32 clipping of DeepSpeed 0.19.8 (DeepSpeed internals).
+    """Replaces the ZeRO-0 fp32 clipping of DeepSpeed 0.19.8 and adds its missing
+    non-finite-step skip (DeepSpeed internals).
 
     The engine clips through ``clip_fp32_gradients`` ->
     ``deepspeed.runtime.utils.clip_grad_norm_``, which (1) returns the global
@@ -360,16 +362,21 @@ def _record_zero0_grad_norm(engine) -> None:
     tensor-parallel shards summed over the model-parallel group, parameters
     replicated over TP counted on TP rank 0 only, parameters marked
     ``ds_pipe_replicated`` skipped; then ``grad *= min(1, clip / (norm + 1e-6))``.
+
+    Non-finite steps: ZeRO 1-3 skip an update whose gradient norm is inf/NaN
+    (their ``overflow`` flag; the engine then counts ``skipped_steps`` and does
+    not advance the LR schedule). Plain ZeRO-0 fp32 would apply NaNs to every
+    weight. The optimizer's ``step`` is wrapped to behave like ZeRO 1-3: it
+    sets ``optimizer.overflow`` and skips the update when the norm is not finite.
     """
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
-    def clip_fp32_gradients():
+    pending: dict = {}
+
+    def global_norm(params) -> torch.Tensor:
         mpu = engine.mpu
         tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        if not params:
-            return
-        device = params[0].grad.device
+        device = params[0].grad.device if params else torch.device("cpu")
         total = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
             if getattr(p, "ds_pipe_replicated", False):
@@ -378,13 +385,40 @@ def _record_zero0_grad_norm(engine) -> None:
                 total += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64).square()
         if mpu is not None and mpu.get_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=mpu.get_model_parallel_group())
-        norm = total.sqrt().float()
+        return total.sqrt().float()
+
+    def grads():
+        return [p for p in engine.module.parameters() if p.grad is not None]
+
+    def clip_fp32_gradients():
+        params = grads()
+        norm = global_norm(params)
+        pending["norm"] = norm
+        engine._global_grad_norm = norm
+        if not torch.isfinite(norm):
+            return  # the step is skipped below; scaling by NaN would gain nothing
         coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
         for p in params:
             p.grad.detach().mul_(coef.to(p.grad.dtype))
-        engine._global_grad_norm = norm
 
+    optimizer = engine.optimizer
+    apply_update = optimizer.step
+
+    def step(*args, **kwargs):
+        norm = pending.pop("norm", None)
+        if norm is None:  # clipping is off: the norm was not needed until now
+            norm = global_norm(grads())
+            engine._global_grad_norm = norm
+        optimizer.overflow = not bool(torch.isfinite(norm))
+        if optimizer.overflow:
+            return None
+        return apply_update(*args, **kwargs)
+
+    # The LR scheduler's own step wrapper is still called inside (apply_update); tell its
+    # "optimizer.step was replaced" check so.
+    step._wrapped_by_lr_sched = True
     engine.clip_fp32_gradients = clip_fp32_gradients
+    optimizer.step = step
 
 
 # --------------------------------------------------------------- teardown

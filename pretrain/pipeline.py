@@ -19,8 +19,8 @@ Design (see also mesh_model/unrolled.py):
   the schedule's tensor shapes are set per stage through `adjust_tensor_shapes_fn`.
 
 Supported: ZeRO-1 (DeepSpeed's own pipeline engine also refuses ZeRO-2/3;
-ZeRO-0 with PP is untested, so refused). The non-interleaved 1F1B schedule only: the interleaved
-one does not accept per-stage tensor shapes.
+ZeRO-0 with PP is untested, so refused). The non-interleaved 1F1B schedule only;
+`check_virtual_pipeline` refuses interleaving and says why.
 """
 
 from __future__ import annotations
@@ -49,6 +49,32 @@ def check_pipeline_config(zero_stage: int, pipeline: int, untie_embeddings: bool
         )
     if not untie_embeddings:
         raise ConfigError("model.untie_embeddings=false is not supported with parallel.pipeline > 1")
+
+
+INTERLEAVED_UNSUPPORTED = (
+    "megatron-core's interleaved schedule sends one fixed [s, b, hidden] tensor between all model chunks "
+    "(it refuses adjust_tensor_shapes_fn), but a recursive model's stages exchange its packed recurrence "
+    "state, whose width changes from cut to cut (hidden, plus h_emb, h(t) and the B MeSH slots while they "
+    "are live); and with several chunks per rank one core layer can land twice on the same rank"
+)
+
+
+def check_virtual_pipeline(virtual_pipeline: int) -> None:
+    """Interleaved (virtual) pipeline stages are refused with the reason.
+
+    What interleaving would take here: (1) one shape for every boundary, by padding
+    the packed state to the widest cut (up to B + 2 times the p2p volume where only
+    the hidden state is live) or by megatron's `variable_seq_lengths` shape exchange
+    before every message; (2) several model chunks per rank behind one DeepSpeed
+    engine; (3) replicated core layers tracked per (rank, chunk), sharing one weight
+    when two chunks of a rank hold the same layer (1+2R2+1 on PP=2 x 3 chunks puts
+    core.0 of both loops on rank 1), in ReplicatedCoreGrads and the norm counting.
+    """
+    if virtual_pipeline != 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline={virtual_pipeline}: interleaved pipeline stages are not supported: "
+            + INTERLEAVED_UNSUPPORTED
+        )
 
 
 class ScheduleModel(torch.nn.Module):
@@ -139,6 +165,10 @@ def run_schedule(
     forward_only: bool,
 ) -> torch.Tensor:
     """Forward (and backward) over the micro-batches; the mean loss, on every stage."""
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp not in (None, 1):  # megatron's parallel state set up for interleaving elsewhere
+        raise RuntimeError(f"virtual pipeline size {vpp}: interleaved pipeline stages are not supported: "
+                           + INTERLEAVED_UNSUPPORTED)
     recv_width, send_width = stage_model.packed_width("recv"), stage_model.packed_width("send")
 
     def adjust_shapes(recv_shapes, send_shapes):

@@ -9,7 +9,15 @@
 Order of construction (each step only needs what the previous ones built):
 validate the config against the world size -> process groups and parallel
 state -> tokenizer -> model -> DeepSpeed engine (ZeRO, AdamW, LR schedule,
-clipping, accumulation) -> datasets -> loggers.
+clipping, accumulation) -> resume from a checkpoint -> datasets, from the
+resumed sample position -> loggers.
+
+A run folder holds one run: started again with the same command, it resumes
+from its newest complete checkpoint (pretrain/checkpoint.py) with the same
+batches and, at the same layout, bitwise the same results as if it had never
+stopped. SIGTERM / SIGUSR1 save and exit with code 75 (pretrain/signals.py).
+A step whose loss or gradient norm is not finite changes nothing and is
+counted; `train.max_skipped_steps` of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -29,12 +37,22 @@ from data_prep.errors import DataError
 from mesh_model.config import ConfigError
 from mesh_model.model import build_model
 from mesh_model.params import count_parameters
+from pretrain import checkpoint as ckpt
+from pretrain import faults
 from pretrain.config import RunConfig
 from pretrain.data import build_datasets, check_prefixes, micro_batches, parse_blend
 from pretrain.distributed import check_parallel_sizes, destroy_distributed, init_distributed
 from mesh_model.unrolled import partition, unrolled_ops
 from pretrain.engine import build_engine
-from pretrain.pipeline import ReplicatedCoreGrads, ScheduleModel, check_pipeline_config, run_schedule
+from pretrain.pipeline import (
+    ReplicatedCoreGrads, ScheduleModel, check_pipeline_config, check_virtual_pipeline, run_schedule,
+)
+from pretrain.sequence_parallel import SequenceParallelGrads, check_sequence_parallel
+from pretrain.signals import REQUEUE_EXIT_CODE, StopRequests, signal_name
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -45,6 +63,18 @@ class TrainResult:
     """[{"step": s, "loss": l, "ppl": p}, ...], including step 0 (before training)."""
     run_dir: str = ""
     checkpoint: Optional[str] = None
+    """The last checkpoint this process saved."""
+    start_step: int = 0
+    """Steps already done when this process started (resumed runs)."""
+    resumed_from: Optional[str] = None
+    skipped_steps: int = 0
+    """Steps without an update (non-finite loss or gradient norm), over the whole run."""
+    interrupted: Optional[str] = None
+    """The signal that stopped the run early (a checkpoint was saved), if any."""
+
+    @property
+    def exit_code(self) -> int:
+        return REQUEUE_EXIT_CODE if self.interrupted else 0
 
     @property
     def final_eval(self) -> Optional[dict]:
@@ -66,6 +96,7 @@ def check_startup(config: RunConfig, world_size: int) -> None:
     dp = check_parallel_sizes(world_size, config.parallel.tensor, config.parallel.pipeline)
     gradient_accumulation_steps(config, dp)
     check_pipeline_config(config.parallel.zero_stage, config.parallel.pipeline, config.model.untie_embeddings)
+    check_virtual_pipeline(config.parallel.virtual_pipeline)
     if config.parallel.pipeline > 1:  # the cut must be valid before any process starts
         partition(unrolled_ops(config.model.split), config.parallel.pipeline, config.parallel.pipeline_layout or None)
     if config.model.num_attention_heads % config.parallel.tensor:
@@ -82,6 +113,7 @@ def check_startup(config: RunConfig, world_size: int) -> None:
         )
     if config.model.ffn_size % tp:
         raise ConfigError(f"parallel.tensor={tp} does not divide the FFN width {config.model.ffn_size}")
+    check_sequence_parallel(config.parallel.sequence_parallel, tp, config.model.seq_length)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no GPU is visible; use train.device=cpu or auto")
     if not Path(config.data.tokenizer).is_file():
@@ -92,11 +124,21 @@ def check_startup(config: RunConfig, world_size: int) -> None:
     check_prefixes(parse_blend(config.data.train)[0], "data.train")
     check_prefixes(parse_blend(config.data.valid)[0], "data.valid")
     run_dir = Path(config.logging.run_dir)
-    if (run_dir / "config.yaml").exists():
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise ConfigError(f"checkpoint.resume={resume} is not a checkpoint directory")
+    if (run_dir / "config.yaml").exists() and resume == "none":
         raise ConfigError(
-            f"logging.run_dir={run_dir} already holds a run; choose a new logging.run_dir "
-            "(nothing is overwritten)"
+            f"logging.run_dir={run_dir} already holds a run and checkpoint.resume=none; choose a new "
+            "logging.run_dir, or resume it with checkpoint.resume=auto (nothing is overwritten)"
         )
+    if (run_dir / "config.yaml").exists() and resume == "auto":
+        checkpoint_dir = Path(config.checkpoint.dir or run_dir / "checkpoints")
+        if not any(info.complete for info in ckpt.list_checkpoints(checkpoint_dir)):
+            raise ConfigError(
+                f"logging.run_dir={run_dir} already holds a run but {checkpoint_dir} has no complete "
+                "checkpoint to resume from; choose a new logging.run_dir (nothing is overwritten)"
+            )
 
 
 class Trainer:
@@ -109,6 +151,9 @@ class Trainer:
         self.ctx = None
         self.wandb_run = None
         self.metrics_file = None
+        self.stop_requests = StopRequests()
+        self.resume_report: Optional[ckpt.LoadReport] = None
+        self.counters = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -144,7 +189,10 @@ class Trainer:
             pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
             pipeline_layout=layout,
             params_dtype=params_dtype,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
+        # Before the engine and any other gradient hook: they must see the TP-summed gradient.
+        self.sp_grads = SequenceParallelGrads(self.model) if cfg.parallel.sequence_parallel else None
         self.replicated = ReplicatedCoreGrads(self.model, cfg.parallel.pipeline, layout) if self.pipelined else None
         self.param_report = count_parameters(self.model)
         total_steps = cfg.train.steps
@@ -170,6 +218,7 @@ class Trainer:
             # gloo: batched isend/irecv gives wrong results (platform facts); NCCL batches fine.
             self.model.config.batch_p2p_comm = self.ctx.backend != "gloo"
         self.device = self.ctx.device
+        self._resume()
 
         datasets = build_datasets(
             cfg.data,
@@ -187,26 +236,81 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
+            start_sample=self.counters["consumed_samples"],
             num_workers=cfg.data.num_workers,
         )
         self._setup_logging()
+
+    def _resume(self) -> None:
+        """Chooses the checkpoint to start from (rank 0 decides, everyone loads it)."""
+        cfg = self.config.checkpoint
+        decision = [None]
+        if self.ctx.rank == 0:
+            decision[0] = self._choose_checkpoint(cfg.resume)
+        torch.distributed.broadcast_object_list(decision, src=0)
+        path, passed_over, error = decision[0]
+        if error:
+            raise ckpt.CheckpointError(error)
+        if path is None:
+            return
+        report = ckpt.load(Path(path), engine=self.engine, scheduler=self.scheduler,
+                           zero_stage=self.config.parallel.zero_stage, model_config=self.config.model)
+        self.resume_report = report
+        self.resume_notes = passed_over
+        self.counters.update(report.counters)
+
+    def _choose_checkpoint(self, resume: str) -> tuple[Optional[str], list[str], Optional[str]]:
+        verify = self.config.checkpoint.verify_checksums
+        if resume == "none":
+            return None, [], None
+        if resume != "auto":
+            problems = ckpt.verify(resume, verify)
+            if problems:
+                return None, [], f"checkpoint.resume={resume}: {problems[0]}"
+            return resume, [], None
+        info, passed_over = ckpt.choose_resume(self.checkpoint_dir, verify)
+        if info is None and passed_over:
+            return None, passed_over, (
+                f"no loadable checkpoint in {self.checkpoint_dir}: " + "; ".join(passed_over)
+            )
+        return (str(info.path) if info else None), passed_over, None
 
     def _setup_logging(self) -> None:
         if not self.is_logger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.yaml")
+        step = self.counters["step"]
+        if not (self.run_dir / "config.yaml").exists():
+            self.config.save(self.run_dir / "config.yaml")
+        elif self.resume_report is not None:
+            # The first config stays; a resumed segment's config is kept beside it.
+            self.config.save(self.run_dir / f"config.resumed-step{step:07d}.yaml")
+        (self.run_dir / "INTERRUPTED").unlink(missing_ok=True)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if self.config.logging.wandb_mode != "disabled":
             import wandb
 
+            id_file = self.run_dir / "wandb-run-id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=self.config.logging.wandb_project,
                 dir=str(self.run_dir),
                 mode=self.config.logging.wandb_mode,
                 config=self.config.to_dict(),
                 name=self.run_dir.name,
+                id=run_id,
+                resume="allow",
             )
+        if self.resume_report is not None:
+            report = self.resume_report
+            why = "checkpoint.resume" if self.config.checkpoint.resume != "auto" else "the newest complete checkpoint"
+            self.log_line(f"resuming from {report.path} at step {step} ({why}"
+                          f"{', checksums verified' if self.config.checkpoint.verify_checksums else ''})")
+            for line in self.resume_notes:
+                self.log_line(f"  passed over {line}")
+            for note in report.notes:
+                self.log_line(f"  note: {note}")
         report = self.param_report
         self.log_line(
             f"model: {self.config.model.variant} {self.config.model.split}, "
@@ -227,7 +331,13 @@ class Trainer:
         per_token = self.engine(
             batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
         )
-        return masked_mean(per_token, batch)
+        return self._loss(per_token, batch)
+
+    def _loss(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        loss = masked_mean(per_token, batch)
+        if self._poison_step:  # test hook: MESH_TRAIN_NAN_STEPS
+            loss = loss * float("nan")
+        return loss
 
     def _scheduled_loss(self, batches, num_microbatches: int, forward_only: bool) -> torch.Tensor:
         """Pipeline: megatron's schedule over `num_microbatches`; the mean loss on every stage."""
@@ -238,7 +348,7 @@ class Trainer:
             num_microbatches=num_microbatches,
             seq_length=self.config.model.seq_length,
             micro_batch_size=self.config.train.micro_batch_size,
-            loss_from_batch=masked_mean,
+            loss_from_batch=self._loss,
             forward_only=forward_only,
         )
 
@@ -248,9 +358,10 @@ class Trainer:
             value = value / self.dp_size
         return float(value)
 
-    def train_step(self) -> float:
+    def train_step(self, step: int = 0) -> float:
         """One optimizer step over the global batch; returns the mean loss (all DP ranks)."""
         self.engine.train()
+        self._poison_step = step in self._nan_steps
         if self.pipelined:
             mean = self._scheduled_loss(self.train_batches, self.grad_accum, forward_only=False)
             self.replicated.all_reduce()
@@ -283,12 +394,41 @@ class Trainer:
         loss = self._data_parallel_mean(mean)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
-    def save_checkpoint(self, step: int) -> str:
-        tag = f"step{step:07d}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag)
+    def save_checkpoint(self, step: int, reason: str = "") -> str:
+        cfg = self.config.checkpoint
+        path = ckpt.save(
+            self.checkpoint_dir, step, engine=self.engine, scheduler=self.scheduler,
+            zero_stage=self.config.parallel.zero_stage, run_config=self.config,
+            counters=dict(self.counters), rank0_extra={"reason": reason},
+        )
         if self.is_logger:
-            self.config.save(self.checkpoint_dir / tag / "config.yaml")
-        return str(self.checkpoint_dir / tag)
+            removed = ckpt.prune(self.checkpoint_dir, cfg.keep_last, cfg.keep_every, cfg.log_spaced, protect=step)
+            meta = ckpt.read_meta(path)
+            self.log_line(f"step {step:>6}: checkpoint {path} ({reason}, {meta['save_seconds']:.1f} s)"
+                          + (f"; removed {', '.join(removed)}" if removed else ""))
+        return str(path)
+
+    def _save_due(self, step: int, time_due: bool) -> str:
+        """Why the checkpoint of this step is due ("" if it is not)."""
+        cfg = self.config.checkpoint
+        if cfg.save_interval and step % cfg.save_interval == 0:
+            return f"every {cfg.save_interval} steps"
+        if cfg.log_spaced and step & (step - 1) == 0:
+            return "log-spaced"
+        if time_due:
+            return f"{cfg.save_interval_minutes:g} minutes since the last save"
+        if step == self.config.train.steps and cfg.save_at_end:
+            return "end of training"
+        return ""
+
+    def _agree(self, time_due: bool, out_of_time: bool) -> tuple[int, bool, bool]:
+        """(signal number or 0, time_due, out_of_time) as one rank saw them, agreed by all ranks
+        with one small all-reduce per step: clocks and signals differ between ranks."""
+        flags = torch.tensor([float(self.stop_requests.received or 0), float(time_due), float(out_of_time)],
+                             device=self.device)
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags[0].item()), bool(flags[1].item()), bool(flags[2].item())
 
     # ----------------------------------------------------------------- logging
     def log_line(self, text: str) -> None:
@@ -311,7 +451,12 @@ class Trainer:
         self.setup()
         cfg = self.config.train
         tokens_per_step = self.config.train.global_batch_size * self.config.model.seq_length
-        result = TrainResult(steps=cfg.steps, run_dir=str(self.run_dir))
+        first = self.counters["step"]
+        result = TrainResult(steps=cfg.steps, run_dir=str(self.run_dir), start_step=first,
+                             resumed_from=str(self.resume_report.path) if self.resume_report else None,
+                             skipped_steps=self.counters["skipped_steps"])
+        self._nan_steps = faults.nan_steps()
+        self._poison_step = False
 
         def run_eval(step: int) -> None:
             evaluation = self.evaluate()
@@ -321,14 +466,40 @@ class Trainer:
             self.log_metrics(step, {"valid/loss": evaluation["loss"], "valid/ppl": evaluation["ppl"]})
             self.log_line(f"step {step:>6}: validation loss {evaluation['loss']:.4f}, perplexity {evaluation['ppl']:.2f}")
 
-        run_eval(0)
-        progress = tqdm(range(1, cfg.steps + 1), desc="train", unit="step",
+        if first == 0:
+            run_eval(0)
+        self.stop_requests.install()
+        progress = tqdm(range(first + 1, cfg.steps + 1), desc="train", unit="step", initial=first, total=cfg.steps,
                         disable=not (self.is_logger and self.config.logging.progress_bar), dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
+        last_save = started = time.monotonic()
+        skip_streak = 0
         for step in progress:
             lr = self.scheduler.get_last_lr()[0]
-            loss = self.train_step()
+            loss = self.train_step(step)
+            self.counters["step"] = step
+            self.counters["consumed_samples"] += cfg.global_batch_size
             result.train_losses.append(loss)
+            if self.engine.was_step_applied():
+                skip_streak = 0
+            else:
+                skip_streak += 1
+                self.counters["skipped_steps"] += 1
+                result.skipped_steps = self.counters["skipped_steps"]
+                norm = self.engine.get_global_grad_norm()
+                norm_text = f"{float(norm):.4g}" if norm is not None else "n/a"
+                self.log_line(f"step {step:>6}: loss {loss:.4g}, gradient norm {norm_text}: "
+                              f"not finite, update skipped ({skip_streak} in a row, "
+                              f"train.max_skipped_steps={cfg.max_skipped_steps})")
+                self.log_metrics(step, {"train/skipped_steps": self.counters["skipped_steps"]})
+                if skip_streak >= cfg.max_skipped_steps:
+                    latest = ckpt.choose_resume(self.checkpoint_dir, checksums=False)[0]
+                    raise TrainingDiverged(
+                        f"{skip_streak} consecutive steps ({step - skip_streak + 1}-{step}) had a non-finite loss "
+                        f"or gradient norm, stopping (train.max_skipped_steps={cfg.max_skipped_steps}); the last "
+                        f"complete checkpoint is {latest.path if latest else 'none'}: lower optim.lr or "
+                        "check the data, then resume from it"
+                    )
             window_tokens += tokens_per_step
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
@@ -341,18 +512,51 @@ class Trainer:
                     "train/tokens": step * tokens_per_step,
                 })
                 window_start, window_tokens = time.perf_counter(), 0
+            faults.step_delay()
+            minutes = self.config.checkpoint.save_interval_minutes
+            out_of_time = bool(cfg.max_minutes) and time.monotonic() - started >= 60 * cfg.max_minutes
+            signum, time_due, out_of_time = self._agree(
+                bool(minutes) and time.monotonic() - last_save >= 60 * minutes, out_of_time)
+            stop_here = step == cfg.stop_after_step and step != cfg.steps
+            if signum:
+                reason = f"{signal_name(signum)} received"
+            elif out_of_time:
+                reason = f"train.max_minutes={cfg.max_minutes:g} reached"
+            elif stop_here:
+                reason = f"train.stop_after_step={step}"
+            else:
+                reason = self._save_due(step, time_due)
+            if reason:
+                result.checkpoint = self.save_checkpoint(step, reason)
+                last_save = time.monotonic()
+            if signum or out_of_time:
+                result.interrupted = signal_name(signum) if signum else "train.max_minutes"
+                self._write_interrupted(step, result)
+                break
+            if stop_here:
+                self.log_line(f"stopped after step {step} (train.stop_after_step); run again without it to continue")
+                break
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 run_eval(step)
         progress.close()
-        run_eval(cfg.steps)
-        if self.config.checkpoint.save_at_end:
-            result.checkpoint = self.save_checkpoint(cfg.steps)
-            self.log_line(f"checkpoint: {result.checkpoint}")
+        if self.counters["step"] == cfg.steps and result.interrupted is None:
+            run_eval(cfg.steps)
         if self.is_logger:
             write_loss_plot(self.run_dir, result)
         return result
 
+    def _write_interrupted(self, step: int, result: TrainResult) -> None:
+        """run_dir/INTERRUPTED tells launchers (torchrun hides the workers' exit codes) to requeue."""
+        if not self.is_logger:
+            return
+        (self.run_dir / "INTERRUPTED").write_text(json.dumps(
+            {"signal": result.interrupted, "step": step, "checkpoint": result.checkpoint,
+             "exit_code": REQUEUE_EXIT_CODE}) + "\n")
+        self.log_line(f"stopped by {result.interrupted} after step {step}; checkpoint {result.checkpoint}; "
+                      f"exit code {REQUEUE_EXIT_CODE}: run the same command to resume")
+
     def close(self) -> None:
+        self.stop_requests.restore()
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.wandb_run is not None:
@@ -375,7 +579,8 @@ def write_loss_plot(run_dir: Path, result: TrainResult) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(result.train_losses) + 1), result.train_losses, label="train loss", lw=1)
+    steps = range(result.start_step + 1, result.start_step + len(result.train_losses) + 1)
+    ax.plot(steps, result.train_losses, label="train loss", lw=1)
     if result.evals:
         ax.plot([e["step"] for e in result.evals], [e["loss"] for e in result.evals], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")

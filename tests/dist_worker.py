@@ -185,10 +185,10 @@ def make_trainer_class(record_grads: bool):
                 self.recorder = GradRecorder(self.engine.module)
             trigger(0)
 
-        def train_step(self):
+        def train_step(self, step: int = 0):
             self._test_step += 1
             trigger(self._test_step)
-            loss = super().train_step()
+            loss = super().train_step(step)
             if self.recorder is not None:
                 self.recorder.end_step()
             return loss
