@@ -52,7 +52,8 @@ def plans(demo_data, tmp_path_factory):
     dp1_ckpt = work / "zero1-first" / "checkpoints" / "step0000003"
     two = [r for name, o in LAYOUTS_2.items() for r in triple(name, o, work)]
     two += [Run("dp1-to-dp2", [*STEPS, f"checkpoint.resume={dp1_ckpt}"]),
-            Run("dp1-to-tp2", [*STEPS, "parallel.tensor=2", f"checkpoint.resume={dp1_ckpt}"])]
+            Run("dp1-to-tp2", [*STEPS, "parallel.tensor=2", f"checkpoint.resume={dp1_ckpt}"]),
+            Run("dp1-to-pp2", [*STEPS, "parallel.pipeline=2", f"checkpoint.resume={dp1_ckpt}"])]
     results.update(run_plan(2, two, demo_data, work))
     dp2_ckpt = work / "dp2-zero2-first" / "checkpoints" / "step0000003"
     results.update(run_plan(1, [Run("dp2-to-dp1", [*STEPS, "parallel.zero_stage=2",
@@ -76,7 +77,7 @@ def test_stop_and_resume_is_bitwise_exact(plans, layout):
 
 
 @pytest.mark.parametrize("name, reference", [("dp1-to-dp2", "zero1-full"), ("dp1-to-tp2", "zero1-full"),
-                                             ("dp2-to-dp1", "dp2-zero2-full")])
+                                             ("dp1-to-pp2", "zero1-full"), ("dp2-to-dp1", "dp2-zero2-full")])
 def test_resume_at_another_layout_continues_the_run(plans, name, reference):
     """Weights and Adam moments resharded; same global batches, so the curve continues to
     the tolerance the parallel-equivalence tests use."""
@@ -239,9 +240,12 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(demo_data, tmp_path):
     # Three in a row at ZeRO-1 (DeepSpeed's own skip) with max_skipped_steps=3: a clear stop.
     run_dir = tmp_path / "stop"
     log = tmp_path / "stop.log"
-    cmd = train_cmd(run_dir, demo_data, 1, "train.max_skipped_steps=3", "checkpoint.save_interval=2")
+    # Time-based saving too: a save is due after every step.
+    cmd = train_cmd(run_dir, demo_data, 1, "train.max_skipped_steps=3", "checkpoint.save_interval_minutes=1e-6")
     assert finish(start(cmd, log, MESH_TRAIN_NAN_STEPS="3,4,5"), log) == 2, tail(log)
+    assert [i.step for i in ckpt.list_checkpoints(run_dir / "checkpoints")] == [2, 3, 4]  # keep_last=3
     last = run_dir / "checkpoints" / "step0000004"
+    assert ckpt.read_meta(last)["reason"] == "1e-06 minutes since the last save"
     assert (f"mesh train: error: 3 consecutive steps (3-5) had a non-finite loss or gradient norm, stopping "
             f"(train.max_skipped_steps=3); the last complete checkpoint is {last}") in log.read_text()
     assert ckpt.verify(last) == [] and ckpt.read_meta(last)["adam_step"] == 2.0
