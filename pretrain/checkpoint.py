@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,7 +425,32 @@ class Layout:
         return {"tensor": self.tensor, "pipeline": self.pipeline, "data": self.data, "zero_stage": self.zero_stage}
 
 
-def save(
+@dataclass
+class PendingSave:
+    """A save whose state is captured in memory; its files may still be being written."""
+
+    root: Path
+    path: Path
+    step: int
+    layout: Layout
+    started: float
+    meta: dict
+    """Rank 0: everything of meta.json but the files and tensors (captured at the step)."""
+    index: dict
+    files: dict = field(default_factory=dict)
+    error: Optional[BaseException] = None
+    thread: Optional[threading.Thread] = None
+
+    def written(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+def save(root: Path, step: int, **kwargs) -> Path:
+    """Writes the checkpoint of ``step`` (collective: every rank calls it). Returns its path."""
+    return finish_save(begin_save(root, step, **kwargs))
+
+
+def begin_save(
     root: Path,
     step: int,
     *,
@@ -434,18 +460,19 @@ def save(
     run_config,
     counters: dict,
     rank0_extra: Optional[dict] = None,
-) -> Path:
-    """Writes the checkpoint of ``step`` (collective: every rank calls it). Returns its path.
+    background: bool = False,
+) -> PendingSave:
+    """Captures this step's state (collective) and writes this rank's files, in a background
+    thread with ``background``; :func:`finish_save` completes the checkpoint.
 
     ``counters``: the trainer's progress (step, consumed samples, skipped steps...),
     stored in the metadata and handed back by :func:`load`.
     """
-    from megatron.core import parallel_state as ps
-
     from pretrain import faults
 
     layout = Layout.current(zero_stage)
-    path = Path(root) / step_dir_name(step)
+    root = Path(root)
+    path = root / step_dir_name(step)
     if layout.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -461,7 +488,8 @@ def save(
     dist.barrier()
     started = time.perf_counter()
 
-    # This rank's share of the tensors (collective over DP for every parameter).
+    # This rank's share of the tensors (collective over DP for every parameter), as copies:
+    # training may go on while they are written.
     named = list(engine.module.named_parameters())
     owned = [
         (name, p) for name, p in named
@@ -488,18 +516,56 @@ def save(
             "tp_size": layout.tensor if sharded else 1,
             "shards": {str(layout.tp_rank if sharded else 0): state_file},
         }
-    files = {}
-    if shard:
-        files[state_file] = _save_file(shard, path / state_file)
-    rng_file = f"rng/rank{layout.rank:05d}.pt"
-    files[rng_file] = _save_file(
-        {"layout": dataclasses.asdict(layout), "state": _rng_state()}, path / rng_file
-    )
-    del shard
-    faults.pause_point("files", step, path, layout.rank)
+    rng = {"layout": dataclasses.asdict(layout), "state": _rng_state()}
+    meta = {}
+    if layout.rank == 0:
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "counters": dict(counters),
+            "adam_step": adam_step_count(engine),
+            "scheduler": _scheduler_state(scheduler),
+            "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps")},
+            "layout": layout.sizes(),
+            "model": run_config.model.to_dict(),
+            "config_text": _config_text(run_config),
+            **(rank0_extra or {}),
+        }
+    pending = PendingSave(root, path, step, layout, started, meta, index)
 
+    def write() -> None:
+        try:
+            if shard:
+                pending.files[state_file] = _save_file(shard, path / state_file)
+            rng_file = f"rng/rank{layout.rank:05d}.pt"
+            pending.files[rng_file] = _save_file(rng, path / rng_file)
+            faults.pause_point("files", step, path, layout.rank)
+        except BaseException as err:  # reported by finish_save, on the main thread
+            pending.error = err
+
+    if background:
+        pending.thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+        pending.thread.start()
+    else:
+        write()
+    return pending
+
+
+def finish_save(pending: PendingSave) -> Path:
+    """Waits for this rank's files, then rank 0 writes meta.json and moves ``latest`` (collective)."""
+    from pretrain import faults
+
+    if pending.thread is not None:
+        pending.thread.join()
+    failed = [None] * dist.get_world_size()
+    dist.all_gather_object(failed, repr(pending.error) if pending.error else None)
+    errors = [f"rank {r}: {e}" for r, e in enumerate(failed) if e]
+    if errors:
+        raise CheckpointError(f"{pending.path}: saving failed ({'; '.join(errors)}); the previous checkpoint is intact")
+    layout = pending.layout
     reports = [None] * dist.get_world_size() if layout.rank == 0 else None
-    dist.gather_object((files, index), reports, dst=0)
+    dist.gather_object((pending.files, pending.index), reports, dst=0)
     if layout.rank == 0:
         all_files, tensors = {}, {}
         for rank_files, rank_index in reports:
@@ -509,32 +575,24 @@ def save(
                     tensors[name]["shards"].update(entry["shards"])
                 else:
                     tensors[name] = entry
-        config_text = _config_text(run_config)
-        (path / "config.yaml").write_text(config_text)
+        meta = dict(pending.meta)
+        config_text = meta.pop("config_text")
+        (pending.path / "config.yaml").write_text(config_text)
         all_files["config.yaml"] = {"bytes": len(config_text.encode()),
                                     "sha256": hashlib.sha256(config_text.encode()).hexdigest()}
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "step": step,
-            "counters": counters,
-            "adam_step": adam_step_count(engine),
-            "scheduler": _scheduler_state(scheduler),
-            "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps")},
-            "layout": layout.sizes(),
-            "model": run_config.model.to_dict(),
+        meta.update({
             "tensors": dict(sorted(tensors.items())),
             "files": dict(sorted(all_files.items())),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "save_seconds": round(time.perf_counter() - started, 3),
+            "save_seconds": round(time.perf_counter() - pending.started, 3),
+            "asynchronous": pending.thread is not None,
             "torch": torch.__version__,
-            **(rank0_extra or {}),
-        }
-        _atomic_write_text(path / META, json.dumps(meta, indent=1) + "\n")
-        faults.pause_point("meta", step, path, layout.rank)
-        _atomic_write_text(Path(root) / LATEST, path.name + "\n")
+        })
+        _atomic_write_text(pending.path / META, json.dumps(meta, indent=1) + "\n")
+        faults.pause_point("meta", pending.step, pending.path, layout.rank)
+        _atomic_write_text(pending.root / LATEST, pending.path.name + "\n")
     dist.barrier()
-    return path
+    return pending.path
 
 
 def _config_text(run_config) -> str:

@@ -159,6 +159,10 @@ class CheckpointConfig:
     run folder that already holds a run; or a checkpoint directory to start from."""
     verify_checksums: bool = True
     """Check every file's sha256 before resuming from a checkpoint."""
+    async_save: bool = False
+    """Write periodic checkpoints in a background thread while training goes on (the state is
+    copied to host memory at the step first); the checkpoint is committed once every rank's files
+    are written. Saves that end the run are always completed before exit."""
 
     def validate(self) -> None:
         for name in ("save_interval", "keep_last", "keep_every"):

@@ -154,6 +154,7 @@ class Trainer:
         self.stop_requests = StopRequests()
         self.resume_report: Optional[ckpt.LoadReport] = None
         self.counters = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
+        self.pending_save: Optional[ckpt.PendingSave] = None
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -394,19 +395,33 @@ class Trainer:
         loss = self._data_parallel_mean(mean)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
-    def save_checkpoint(self, step: int, reason: str = "") -> str:
-        cfg = self.config.checkpoint
-        path = ckpt.save(
+    def save_checkpoint(self, step: int, reason: str = "", background: bool = False) -> str:
+        """Saves this step; with ``background`` the files are written while training goes on
+        and the checkpoint is committed later (:meth:`finish_pending_save`)."""
+        self.finish_pending_save()
+        self.pending_save = ckpt.begin_save(
             self.checkpoint_dir, step, engine=self.engine, scheduler=self.scheduler,
             zero_stage=self.config.parallel.zero_stage, run_config=self.config,
-            counters=dict(self.counters), rank0_extra={"reason": reason},
+            counters=dict(self.counters), rank0_extra={"reason": reason}, background=background,
         )
-        if self.is_logger:
-            removed = ckpt.prune(self.checkpoint_dir, cfg.keep_last, cfg.keep_every, cfg.log_spaced, protect=step)
-            meta = ckpt.read_meta(path)
-            self.log_line(f"step {step:>6}: checkpoint {path} ({reason}, {meta['save_seconds']:.1f} s)"
-                          + (f"; removed {', '.join(removed)}" if removed else ""))
+        path = self.pending_save.path
+        if not background:
+            self.finish_pending_save()
         return str(path)
+
+    def finish_pending_save(self) -> None:
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        path = ckpt.finish_save(pending)
+        if self.is_logger:
+            cfg = self.config.checkpoint
+            removed = ckpt.prune(self.checkpoint_dir, cfg.keep_last, cfg.keep_every, cfg.log_spaced,
+                                 protect=pending.step)
+            meta = ckpt.read_meta(path)
+            how = ", written in the background" if meta["asynchronous"] else ""
+            self.log_line(f"step {pending.step:>6}: checkpoint {path} ({meta['reason']}, "
+                          f"{meta['save_seconds']:.1f} s{how})" + (f"; removed {', '.join(removed)}" if removed else ""))
 
     def _save_due(self, step: int, time_due: bool) -> str:
         """Why the checkpoint of this step is due ("" if it is not)."""
@@ -421,14 +436,16 @@ class Trainer:
             return "end of training"
         return ""
 
-    def _agree(self, time_due: bool, out_of_time: bool) -> tuple[int, bool, bool]:
-        """(signal number or 0, time_due, out_of_time) as one rank saw them, agreed by all ranks
-        with one small all-reduce per step: clocks and signals differ between ranks."""
-        flags = torch.tensor([float(self.stop_requests.received or 0), float(time_due), float(out_of_time)],
-                             device=self.device)
+    def _agree(self, time_due: bool, out_of_time: bool) -> tuple[int, bool, bool, bool]:
+        """(signal number or 0, time_due, out_of_time, a background save still writing) as any
+        rank saw them, agreed by all ranks with one small all-reduce per step: clocks, signals
+        and disks differ between ranks."""
+        writing = self.pending_save is not None and not self.pending_save.written()
+        flags = torch.tensor([float(self.stop_requests.received or 0), float(time_due), float(out_of_time),
+                              float(writing)], device=self.device)
         if self.ctx.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return int(flags[0].item()), bool(flags[1].item()), bool(flags[2].item())
+        return int(flags[0].item()), bool(flags[1].item()), bool(flags[2].item()), bool(flags[3].item())
 
     # ----------------------------------------------------------------- logging
     def log_line(self, text: str) -> None:
@@ -493,6 +510,7 @@ class Trainer:
                               f"train.max_skipped_steps={cfg.max_skipped_steps})")
                 self.log_metrics(step, {"train/skipped_steps": self.counters["skipped_steps"]})
                 if skip_streak >= cfg.max_skipped_steps:
+                    self.finish_pending_save()
                     latest = ckpt.choose_resume(self.checkpoint_dir, checksums=False)[0]
                     raise TrainingDiverged(
                         f"{skip_streak} consecutive steps ({step - skip_streak + 1}-{step}) had a non-finite loss "
@@ -515,8 +533,10 @@ class Trainer:
             faults.step_delay()
             minutes = self.config.checkpoint.save_interval_minutes
             out_of_time = bool(cfg.max_minutes) and time.monotonic() - started >= 60 * cfg.max_minutes
-            signum, time_due, out_of_time = self._agree(
+            signum, time_due, out_of_time, writing = self._agree(
                 bool(minutes) and time.monotonic() - last_save >= 60 * minutes, out_of_time)
+            if self.pending_save is not None and not writing:
+                self.finish_pending_save()  # every rank's files are written: commit
             stop_here = step == cfg.stop_after_step and step != cfg.steps
             if signum:
                 reason = f"{signal_name(signum)} received"
@@ -527,7 +547,9 @@ class Trainer:
             else:
                 reason = self._save_due(step, time_due)
             if reason:
-                result.checkpoint = self.save_checkpoint(step, reason)
+                ends_run = bool(signum or out_of_time or stop_here or step == cfg.steps)
+                background = self.config.checkpoint.async_save and not ends_run
+                result.checkpoint = self.save_checkpoint(step, reason, background=background)
                 last_save = time.monotonic()
             if signum or out_of_time:
                 result.interrupted = signal_name(signum) if signum else "train.max_minutes"
@@ -539,6 +561,7 @@ class Trainer:
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 run_eval(step)
         progress.close()
+        self.finish_pending_save()
         if self.counters["step"] == cfg.steps and result.interrupted is None:
             run_eval(cfg.steps)
         if self.is_logger:

@@ -28,7 +28,10 @@ from tests.parallel.harness import (
 pytestmark = pytest.mark.slow
 
 STEPS = ["train.steps=6"]
-LAYOUTS_1 = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"]}
+LAYOUTS_1 = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
+             # background saves every step: each checkpoint is the state of its step, not a later one
+             "zero1-async": ["parallel.zero_stage=1", "checkpoint.async_save=true", "checkpoint.save_interval=1",
+                             "checkpoint.keep_last=0"]}
 LAYOUTS_2 = {"dp2-zero2": ["parallel.zero_stage=2"], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"]}
 
 
@@ -38,7 +41,9 @@ def triple(name: str, overrides: list[str], work: Path) -> list[Run]:
         Run(f"{name}-full", [*STEPS, *overrides]),
         Run(f"{name}-first", [*STEPS, *overrides, "train.stop_after_step=3"]),
         Run(f"{name}-resumed", [*STEPS, *overrides,
-                                f"checkpoint.resume={work / f'{name}-first' / 'checkpoints' / 'step0000003'}"]),
+                                f"checkpoint.resume={work / f'{name}-full' / 'checkpoints' / 'step0000003'}"]
+            if "async" in name else
+            [*STEPS, *overrides, f"checkpoint.resume={work / f'{name}-first' / 'checkpoints' / 'step0000003'}"]),
     ]
 
 
@@ -74,6 +79,21 @@ def test_stop_and_resume_is_bitwise_exact(plans, layout):
     work, results = plans
     assert results[f"{layout}-first"]["losses"] == results[f"{layout}-full"]["losses"][:3]
     assert_bitwise(results[f"{layout}-full"], results[f"{layout}-resumed"], layout)
+
+
+def test_background_saves_capture_their_own_step(plans):
+    """Each asynchronously written checkpoint of the uninterrupted run is the state at its step:
+    resuming from step 3's (written while steps 4+ trained) gave the bitwise result above, and
+    every step's checkpoint is complete, verified and marked asynchronous."""
+    work, results = plans
+    root = work / "zero1-async-full" / "checkpoints"
+    infos = ckpt.list_checkpoints(root)
+    assert [i.step for i in infos] == [1, 2, 3, 4, 5, 6] and all(i.complete for i in infos)
+    assert [i.meta["asynchronous"] for i in infos] == [True] * 5 + [False]  # the last one ends the run
+    assert all(ckpt.verify(i.path) == [] for i in infos)
+    weights = ckpt.consolidate(root / "step0000006")
+    assert all(torch.equal(weights[n], v) for n, v in results["zero1-async-full"]["params"].items())
+    assert results["zero1-async-full"]["losses"] == results["zero1-full"]["losses"]
 
 
 @pytest.mark.parametrize("name, reference", [("dp1-to-dp2", "zero1-full"), ("dp1-to-tp2", "zero1-full"),
