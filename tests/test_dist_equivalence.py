@@ -25,7 +25,7 @@ import math
 
 import pytest
 
-from tests.parallel.harness import Run, assert_equivalent, compare, run_plan
+from tests.parallel.harness import BF16_LOSS_ATOL, BF16_STEPS, Run, assert_equivalent, compare, run_plan
 
 # The first test that needs a launch pays for it (up to a few minutes on a busy 2-core
 # machine); every launch has its own subprocess timeout as well.
@@ -46,6 +46,7 @@ def zero(stage: int) -> list[str]:
 
 
 TP2 = ["parallel.tensor=2"]
+SP = ["parallel.sequence_parallel=true"]
 
 # World-size-1 references: name -> overrides (the same config as the parallel runs).
 REFERENCES = {
@@ -79,13 +80,17 @@ LAYOUTS = {
     "mesh-tp2dp2-z1": (4, MESH + TP2 + zero(1), "mesh-z1", True),
     "mesh-tp2dp2-z2": (4, MESH + TP2 + zero(2), "mesh-z2", False),
     "mesh-tp2dp2-z3": (4, MESH + TP2 + zero(3), "mesh-z3", True),
+    # Sequence parallel: norms, routers and row-parallel biases see half the tokens
+    # on each TP rank; their gradients are summed over TP (pretrain/sequence_parallel.py).
+    "mesh-tp2-sp-z1": (2, MESH + TP2 + SP + zero(1), "mesh-z1", True),
+    "mesh-tp2-sp-z0": (2, MESH + TP2 + SP + zero(0), "mesh-z0", True),
+    "mesh-tp2-sp-tied-z1": (2, MESH + TIED + TP2 + SP + zero(1), "mesh-tied-z1", False),
+    "mesh-tp2dp2-sp-z2": (4, MESH + TP2 + SP + zero(2), "mesh-z2", False),
+    "mesh-tp2dp2-sp-z3": (4, MESH + TP2 + SP + zero(3), "mesh-z3", True),
 }
 
-# bf16 (ZeRO-1, DP=2) against fp32 on the same layout, 12 steps. Measured on the
-# 2-core machine: |loss_bf16 - loss_fp32| <= 1.3e-3 nats over the first 12 steps
-# (0.03 after 40 steps, as bf16 rounding of the weights accumulates).
-BF16_STEPS = 12
-BF16_LOSS_ATOL = 0.02
+# bf16 (ZeRO-1, DP=2) against fp32 on the same layout: harness.BF16_STEPS steps,
+# harness.BF16_LOSS_ATOL nats.
 BF16 = {
     "mesh-dp2-z1-fp32-12": (2, MESH + zero(1) + [f"train.steps={BF16_STEPS}"]),
     "mesh-dp2-z1-bf16-12": (2, MESH + zero(1) + [f"train.steps={BF16_STEPS}", "train.bf16=true"]),
@@ -134,11 +139,14 @@ def test_layout_matches_single_process(dist_results, layout):
                                      for k, v in report.items()))
 
 
-@pytest.mark.parametrize("layout", ["mesh-tp2-z1", "mesh-tp2-z0", "mesh-tp2-tied-z1", "mesh-tp2dp2-z1"])
+@pytest.mark.parametrize("layout", ["mesh-tp2-z1", "mesh-tp2-z0", "mesh-tp2-tied-z1", "mesh-tp2dp2-z1",
+                                    "mesh-tp2-sp-z1", "mesh-tp2-sp-z0", "mesh-tp2dp2-sp-z3"])
 def test_grad_norm_counts_tp_replicated_parameters_once(dist_results, layout):
     """DeepSpeed's global norm at TP=2 equals the single-process norm and the norm
     computed by hand with every TP-replicated parameter (norms, row-parallel biases,
-    MeSH routers) counted once; counting them on both TP ranks would be far off."""
+    MeSH routers) counted once; counting them on both TP ranks would be far off.
+    With sequence parallelism those are the parameters whose gradients are summed
+    over TP first (each rank saw half the tokens)."""
     _, _, reference, _ = LAYOUTS[layout]
     ref, run = dist_results(reference), dist_results(layout)
     assert run["layout"]["tp"] == 2
@@ -153,11 +161,13 @@ def test_grad_norm_counts_tp_replicated_parameters_once(dist_results, layout):
     assert any(n.startswith("recurrence.routers.") for n in run["grads"]), "no MeSH routers recorded"
 
 
-def test_router_gradients_under_tensor_parallelism(dist_results):
+@pytest.mark.parametrize("layout", ["mesh-tp2-z1", "mesh-tp2-sp-z1"])
+def test_router_gradients_under_tensor_parallelism(dist_results, layout):
     """MeSH routers are replicated over TP: every TP rank holds the same router
     weights after training (checked bit-exactly while gathering), and the step-1
-    router gradients equal the single-process ones."""
-    ref, run = dist_results("mesh-z1"), dist_results("mesh-tp2-z1")
+    router gradients equal the single-process ones. Under sequence parallelism each
+    TP rank routes half the tokens, so this checks the TP sum of their gradients."""
+    ref, run = dist_results("mesh-z1"), dist_results(layout)
     report = compare(ref, run)
     assert report["grad_worst_ratio"] <= 1.0, report
     rms_all = math.sqrt(sum(g.square().sum().item() for g in ref["grads"].values())

@@ -74,8 +74,16 @@ def test_global_batch_must_be_micro_batch_times_dp_times_accumulation(demo_data,
         (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, r"parallel\.pipeline=2 needs parallel\.zero_stage=1"),
         # Attention heads are split over TP ranks.
         (["parallel.tensor=4", "model.num_attention_heads=2"], 4, r"parallel\.tensor=4 does not divide model\.num_attention_heads=2"),
+        # Sequence parallelism splits the sequence over the TP ranks: there must be some.
+        (["parallel.sequence_parallel=true"], 2, r"parallel\.sequence_parallel=true needs parallel\.tensor >= 2"),
+        (["parallel.sequence_parallel=true", "parallel.tensor=2", "model.seq_length=31"], 2,
+         r"needs model\.seq_length=31 to be a multiple of parallel\.tensor=2"),
+        # Interleaved 1F1B: one fixed p2p shape, but the packed recurrence state changes width per cut.
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2"], 2,
+         r"parallel\.virtual_pipeline=2: interleaved pipeline stages are not supported: .*width changes from cut to cut"),
     ],
-    ids=["zero3-with-pp", "zero2-with-pp", "tp-does-not-divide-heads"],
+    ids=["zero3-with-pp", "zero2-with-pp", "tp-does-not-divide-heads", "sp-without-tp", "sp-seq-not-divisible",
+         "interleaved-pp"],
 )
 def test_unsupported_combinations_are_refused_at_startup(demo_data, tmp_path, overrides, world, expected):
     message = startup_error(tiny_config(demo_data, tmp_path, *overrides), world)
