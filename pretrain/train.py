@@ -155,6 +155,8 @@ class Trainer:
         self.resume_report: Optional[ckpt.LoadReport] = None
         self.counters = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
         self.pending_save: Optional[ckpt.PendingSave] = None
+        # train() reads the fault hook; callers that only setup() and train_step() (bench) get none.
+        self._nan_steps, self._poison_step = frozenset(), False
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
