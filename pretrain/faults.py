@@ -11,6 +11,9 @@
   inside the save. Points: ``files`` (this rank's state files written, the
   metadata not yet), ``meta`` (the metadata written, ``latest`` not yet moved).
 * ``MESH_CKPT_PAUSE_RANKS="0,1"``: the ranks that pause (default: all).
+* ``MESH_CKPT_SLOW=<seconds>``: at the ``files`` point of every save, touch
+  ``<checkpoint>/.slow-rank<R>``, sleep, remove it: a window for a test to
+  signal a rank in the middle of a save.
 
 Each costs one dictionary lookup per call when unset.
 """
@@ -25,6 +28,7 @@ NAN_STEPS_ENV = "MESH_TRAIN_NAN_STEPS"
 STEP_DELAY_ENV = "MESH_TRAIN_STEP_DELAY"
 PAUSE_ENV = "MESH_CKPT_PAUSE"
 PAUSE_RANKS_ENV = "MESH_CKPT_PAUSE_RANKS"
+SLOW_ENV = "MESH_CKPT_SLOW"
 
 
 def nan_steps() -> frozenset[int]:
@@ -39,6 +43,12 @@ def step_delay() -> None:
 
 
 def pause_point(point: str, step: int, checkpoint: Path, rank: int) -> None:
+    slow = os.environ.get(SLOW_ENV)
+    if slow and point == "files":
+        marker = checkpoint / f".slow-rank{rank}"
+        marker.touch()
+        time.sleep(float(slow))
+        marker.unlink()
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
         return

@@ -177,13 +177,17 @@ def test_signal_saves_exits_75_and_resumes_exactly(plans, demo_data, tmp_path, h
     run_dir = tmp_path / "run"
     log = tmp_path / "train.log"
     cmd = train_cmd(run_dir, demo_data, 2, "parallel.zero_stage=2", "checkpoint.save_at_end=true")
-    proc = start(cmd, log, MESH_TRAIN_STEP_DELAY="1.0")
+    proc = start(cmd, log, MESH_TRAIN_STEP_DELAY="1.0", MESH_CKPT_SLOW="3")
     wait_for(lambda: logged_steps(run_dir) >= 2, proc, log)
     workers = worker_pids(proc)
     assert len(workers) == 2, workers
     if how.startswith("SIGUSR1"):
         os.kill(workers[1], signal.SIGUSR1)
     else:
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        # ...and again while the checkpoint is being written: it must not break the save.
+        wait_for(lambda: any(run_dir.glob("checkpoints/step*/.slow-rank0")), proc, log)
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
     code = finish(proc, log)
@@ -193,6 +197,8 @@ def test_signal_saves_exits_75_and_resumes_exactly(plans, demo_data, tmp_path, h
     assert 2 <= stopped < 6 and marker["signal"] == how.split()[0]
     assert ckpt.list_checkpoints(run_dir / "checkpoints")[-1].step == stopped
     assert ckpt.verify(run_dir / "checkpoints" / ckpt.step_dir_name(stopped)) == []
+    if how.startswith("SIGTERM"):
+        assert "received SIGTERM again: already stopping, the checkpoint save continues" in log.read_text()
 
     code = finish(start(cmd, log), log)
     assert code == 0, tail(log)
