@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = ["train.steps=6"]
 LAYOUTS_1 = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"], "zero3": ["parallel.zero_stage=3"],
+             "bf16": ["parallel.zero_stage=1", "train.bf16=true"],
              # background saves every step: each checkpoint is the state of its step, not a later one
              "zero1-async": ["parallel.zero_stage=1", "checkpoint.async_save=true", "checkpoint.save_interval=1",
                              "checkpoint.keep_last=0"]}
