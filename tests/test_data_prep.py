@@ -29,7 +29,8 @@ from data_prep.train_tokenizer import (
     train_sentencepiece,
 )
 
-from tests.test_data_prep_common import TRICKY_DOCS, write_zst as _write_zst
+from tests.test_data_prep_common import TRICKY_DOCS, hf_tokenizer_json as common_hf_tokenizer_json
+from tests.test_data_prep_common import write_zst as _write_zst
 
 
 def _filler_docs(n: int = 120) -> list[str]:
@@ -250,23 +251,8 @@ def test_load_tokenizer_errors(tmp_path, corpus_and_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer_json(tmp_path_factory):
-    """A byte-level BPE tokenizer.json trained here with the tokenizers library."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TRICKY_DOCS + _filler_docs(), trainer=trainer)
-    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
+def hf_tokenizer_json():
+    return common_hf_tokenizer_json()
 
 
 def test_hf_tokenizer_interface(hf_tokenizer_json):
