@@ -209,29 +209,30 @@ def test_signal_saves_exits_75_and_resumes_exactly(plans, demo_data, tmp_path, h
 
 
 def test_kill_9_inside_saves_and_damaged_checkpoints_fall_back(plans, demo_data, tmp_path):
-    """kill -9 while state files are written (no metadata yet) and after the metadata but
-    before `latest` moved; then a truncated newest checkpoint. Every restart takes the newest
-    complete, undamaged checkpoint, says so, and the run ends bitwise where it would have."""
+    """Two ranks. kill -9 of rank 1 after it wrote its state files (rank 0 waiting for its report),
+    then of rank 0 after it wrote the metadata but before `latest` moved; then a truncated newest
+    checkpoint. Every restart takes the newest complete, undamaged checkpoint, says so, and the
+    run ends bitwise where the uninterrupted one did."""
     work, results = plans
     run_dir = tmp_path / "run"
     log = tmp_path / "train.log"
-    cmd = train_cmd(run_dir, demo_data, 1, "checkpoint.save_interval=2", "checkpoint.save_at_end=true",
-                    "checkpoint.keep_last=0")
+    cmd = train_cmd(run_dir, demo_data, 2, "parallel.zero_stage=2", "checkpoint.save_interval=2",
+                    "checkpoint.save_at_end=true", "checkpoint.keep_last=0")
     checkpoints = run_dir / "checkpoints"
 
-    def kill_inside(point: str, step: int) -> None:
-        proc = start(cmd, log, MESH_CKPT_PAUSE=f"{point}:{step}")
-        marker = checkpoints / ckpt.step_dir_name(step) / ".paused-rank0"
+    def kill_inside(point: str, step: int, rank: int) -> None:
+        proc = start(cmd, log, MESH_CKPT_PAUSE=f"{point}:{step}", MESH_CKPT_PAUSE_RANKS=str(rank))
+        marker = checkpoints / ckpt.step_dir_name(step) / f".paused-rank{rank}"
         wait_for(marker.exists, proc, log)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(worker_pids(proc)[rank], signal.SIGKILL)  # that rank only: torchrun ends the rest
+        assert finish(proc, log) != 0
 
-    kill_inside("files", 4)
+    kill_inside("files", 4, rank=1)
     infos = {i.step: i for i in ckpt.list_checkpoints(checkpoints)}
     assert infos[2].complete and not infos[4].complete
     assert (checkpoints / "latest").read_text().strip() == "step0000002"
 
-    kill_inside("meta", 6)  # resumes from 2 (passing over the partial 4), dies after writing 6's metadata
+    kill_inside("meta", 6, rank=0)  # resumes from 2 (passing over the partial 4), dies after 6's metadata
     text = log.read_text()
     assert f"resuming from {checkpoints / 'step0000002'} at step 2" in text
     assert "passed over step0000004: no meta.json (the save was interrupted" in text
@@ -245,7 +246,7 @@ def test_kill_9_inside_saves_and_damaged_checkpoints_fall_back(plans, demo_data,
     assert f"resuming from {checkpoints / 'step0000004'} at step 4" in text
     assert f"passed over step0000006: {victim}: 1000 bytes" in text
     assert list(checkpoints.glob("step0000006.replaced-*")), "the damaged checkpoint was set aside, not deleted"
-    assert_same_weights(final_weights(run_dir), results["zero1-full"]["params"], "kill -9 / fallback")
+    assert_same_weights(final_weights(run_dir), results["dp2-zero2-full"]["params"], "kill -9 / fallback")
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(demo_data, tmp_path):
