@@ -314,6 +314,8 @@ class Trainer:
                 self.log_line(f"  passed over {line}")
             for note in report.notes:
                 self.log_line(f"  note: {note}")
+            # Rows after this one supersede earlier rows of the same steps (trained again after a crash).
+            self.metrics_file.write(json.dumps({"step": step, "event": "resumed", "checkpoint": str(report.path)}) + "\n")
         report = self.param_report
         self.log_line(
             f"model: {self.config.model.variant} {self.config.model.split}, "
