@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,7 @@ class Trainer:
             import wandb
 
             id_file = self.run_dir / "wandb-run-id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=self.config.logging.wandb_project,
