@@ -87,7 +87,11 @@ def register(subparsers) -> None:
             "Train from a YAML config with optional dotted overrides, e.g. "
             "`mesh train configs/demo.yaml train.steps=50 model.variant=base`. "
             "For several processes launch with torchrun: "
-            "`torchrun --nproc_per_node N -m pretrain CONFIG [overrides]`."
+            "`torchrun --nproc_per_node N -m pretrain CONFIG [overrides]`. "
+            "The same command started again resumes the run in logging.run_dir from its newest "
+            "complete checkpoint (checkpoint.resume=auto). Exit codes: 0 done (or stopped at "
+            "train.stop_after_step), 2 bad input or a diverged run, 75 stopped by SIGTERM/SIGUSR1 or "
+            "train.max_minutes with a checkpoint saved: run the same command again (docs/checkpoints.md)."
         ),
     )
     train.add_argument("config", help="YAML config file (see configs/)")
