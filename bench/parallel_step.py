@@ -1,8 +1,8 @@
 """Training-step throughput of the stack (Trainer: megatron-core layers + DeepSpeed engine)
 at several parallel layouts, against plain-PyTorch training loops of the same model.
 
-    python bench/parallel_step.py                                  # demo model, layouts 1x1x1,2x1x1,1x1x2
-    python bench/parallel_step.py --layouts 1x1x1,2x1x1,1x2x1,1x1x2
+    python bench/parallel_step.py                                  # demo model, layouts 1x1x1,2x1x1,1x2x1,1x1x2
+    python bench/parallel_step.py --layouts 1x1x1,2x1x1                 # TPxPPxDP
     python bench/parallel_step.py --config configs/pythia-160m/mesh.yaml train.bf16=true   # on a GPU
 
 A layout is TPxPPxDP (world size = TP * PP * DP). Every layout trains the same
@@ -28,7 +28,13 @@ so that machine noise hits all of them alike:
   Target: the stack within 10% of it. On CPU it runs with the CPU shim's
   TorchFunctionMode disabled (``pretrain/cpu_shim.py`` routes every torch
   call of the process through Python to map ``device="cuda"``); the variant
-  ``plain nn.Module, CPU shim on`` measures what the shim alone costs.
+  ``plain nn.Module, CPU shim on`` measures what the shim alone costs. The
+  stack's non-pipelined step, and the ``megatron+AdamW`` loop, run with that
+  mapping suspended (``cuda_literals_unmapped``), the other patches in place.
+
+Besides the ratio of medians, the world-size-1 table gives the median of the
+paired per-block ratios (each block: ``--steps`` consecutive steps of one
+variant, blocks taken round-robin), which drifting machine load disturbs less.
 
 Each multi-rank layout runs under ``torchrun`` with the cores divided between
 the ranks (OMP_NUM_THREADS = cores / world size). Reported per layout: median
@@ -57,6 +63,7 @@ stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -72,7 +79,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_LAYOUTS = "1x1x1,2x1x1,1x1x2"
+DEFAULT_LAYOUTS = "1x1x1,2x1x1,1x2x1,1x1x2"
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
     "H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
@@ -277,16 +284,12 @@ def worker(args) -> None:
             raise SystemExit(f"the plain model has {param_counts['plain nn.Module']:,} parameters, "
                              f"the stack {param_counts['stack']:,}: not the same shape")
 
-        def make_step(model, loss_fn, without_shim=False):
+        def make_step(model, loss_fn, context=contextlib.nullcontext):
             optimizer = make_optimizer(model, config)
 
             def step():
-                if without_shim:
-                    # pretrain/cpu_shim.py's TorchFunctionMode sees every torch call of this
-                    # process; a plain PyTorch program would not have it.
-                    with torch._C.DisableTorchFunction():
-                        return run_step()
-                return run_step()
+                with context():
+                    return run_step()
 
             def run_step():
                 total = 0.0
@@ -305,10 +308,13 @@ def worker(args) -> None:
         def megatron_loss(model, x, y):
             return masked_mean(model(x, positions, mask, labels=y), {"loss_mask": ones})
 
-        from pretrain.cpu_shim import is_cpu_shim_applied
+        from pretrain.cpu_shim import cuda_literals_unmapped, is_cpu_shim_applied
 
-        timers["megatron+AdamW"] = make_step(megatron_model, megatron_loss)
-        timers["plain nn.Module"] = make_step(plain, lambda model, x, y: model(x, y), without_shim=True)
+        # The stack's non-pipelined step runs without the shim's per-call device mapping
+        # (Trainer.train_step); the megatron loop gets the same treatment. A plain PyTorch
+        # program would have no TorchFunctionMode at all.
+        timers["megatron+AdamW"] = make_step(megatron_model, megatron_loss, cuda_literals_unmapped)
+        timers["plain nn.Module"] = make_step(plain, lambda model, x, y: model(x, y), torch._C.DisableTorchFunction)
         if is_cpu_shim_applied():
             plain_shim = plain_model(config.model).to(device=device, dtype=dtype)
             timers["plain nn.Module, CPU shim on"] = make_step(plain_shim, lambda model, x, y: model(x, y))
@@ -420,9 +426,18 @@ def report(results: list[dict], args) -> dict:
     baselines = {}
     if base and len(base["median_step_s"]) > 1:
         stack = base["median_step_s"]["stack"]
+        # Round-robin blocks (args.steps consecutive steps of one variant, then the next):
+        # the ratio of block medians, paired, is less sensitive to the machine's load drifting
+        # between blocks than the ratio of the overall medians.
+        def blocks(samples):
+            return [statistics.median(samples[i:i + args.steps]) for i in range(0, len(samples), args.steps)]
+
+        stack_blocks = blocks(base["all_step_s"]["stack"])
         for name, value in base["median_step_s"].items():
+            ratios = [a / b for a, b in zip(stack_blocks, blocks(base["all_step_s"][name]))]
             baselines[name] = {"step_s": value, "tokens_per_s": base["tokens_per_step"] / value,
-                               "stack_overhead": stack / value - 1.0}
+                               "stack_overhead": stack / value - 1.0,
+                               "stack_overhead_paired": statistics.median(ratios) - 1.0}
     return {
         "benchmark": "parallel_step",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -453,11 +468,12 @@ def print_table(summary: dict) -> None:
             line += f" {100 * r['mfu']:.1f}% |" if "mfu" in r else " - |"
         print(line)
     if summary["world1_baselines"]:
-        print("\n| world size 1 | step (s) | tokens/s | stack overhead vs this |")
-        print("|---|---|---|---|")
+        print("\n| world size 1 | step (s) | tokens/s | stack overhead vs this | paired per block |")
+        print("|---|---|---|---|---|")
         for name, b in summary["world1_baselines"].items():
             overhead = "-" if name == "stack" else f"{100 * b['stack_overhead']:+.1f}%"
-            print(f"| {name} | {b['step_s']:.3f} | {b['tokens_per_s']:,.0f} | {overhead} |")
+            paired = "-" if name == "stack" else f"{100 * b['stack_overhead_paired']:+.1f}%"
+            print(f"| {name} | {b['step_s']:.3f} | {b['tokens_per_s']:,.0f} | {overhead} | {paired} |")
     if summary["flops"]:
         f = summary["flops"]
         print(f"\nF_token = 6 x {f['n_compute']:,} + {f['attention_flops_per_token']:,} = "

@@ -41,6 +41,7 @@ from mesh_model.params import count_parameters
 from pretrain import checkpoint as ckpt
 from pretrain import faults
 from pretrain.config import RunConfig
+from pretrain.cpu_shim import cuda_literals_unmapped
 from pretrain.data import build_datasets, check_prefixes, micro_batches, parse_blend
 from pretrain.distributed import check_parallel_sizes, destroy_distributed, init_distributed
 from mesh_model.unrolled import partition, unrolled_ops
@@ -374,11 +375,12 @@ class Trainer:
             self.engine.step()
             return self._data_parallel_mean(mean)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
-            loss = self.forward_loss(next(self.train_batches))
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            total += loss.detach()
+        with cuda_literals_unmapped():  # CPU: the shim's per-call mapping is not needed here (cpu_shim.py)
+            for _ in range(self.grad_accum):
+                loss = self.forward_loss(next(self.train_batches))
+                self.engine.backward(loss)
+                self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                total += loss.detach()
         return self._data_parallel_mean(total / self.grad_accum)
 
     @torch.no_grad()
@@ -396,7 +398,8 @@ class Trainer:
         if self.pipelined:
             mean = self._scheduled_loss(batches, count, forward_only=True)
         else:
-            mean = torch.stack([self.forward_loss(batch) for _, batch in zip(range(count), batches)]).mean()
+            with cuda_literals_unmapped():
+                mean = torch.stack([self.forward_loss(batch) for _, batch in zip(range(count), batches)]).mean()
         loss = self._data_parallel_mean(mean)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 

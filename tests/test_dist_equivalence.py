@@ -85,6 +85,8 @@ LAYOUTS = {
     "mesh-tp2-sp-z1": (2, MESH + TP2 + SP + zero(1), "mesh-z1", True),
     "mesh-tp2-sp-z0": (2, MESH + TP2 + SP + zero(0), "mesh-z0", True),
     "mesh-tp2-sp-tied-z1": (2, MESH + TIED + TP2 + SP + zero(1), "mesh-tied-z1", False),
+    # Recomputed core layers: their backward (and so the SP gradient hook) runs once per loop.
+    "mesh-tp2-sp-recompute-z1": (2, MESH + TP2 + SP + zero(1) + ["model.recompute=[core]"], "mesh-z1", False),
     "mesh-tp2dp2-sp-z2": (4, MESH + TP2 + SP + zero(2), "mesh-z2", False),
     "mesh-tp2dp2-sp-z3": (4, MESH + TP2 + SP + zero(3), "mesh-z3", True),
 }

@@ -180,6 +180,27 @@ def test_cpu_shim_applies_once_and_maps_cuda_to_cpu():
     torch.cuda.synchronize()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim applies only without a GPU")
+def test_cuda_literal_mapping_can_be_suspended():
+    """The trainer's non-pipelined step runs without the per-call device mapping (it costs
+    ~7% of a small CPU step); inside, a literal CUDA device fails loudly, and the mapping
+    is back afterwards, also after an exception. The other patches stay in effect."""
+    from pretrain.cpu_shim import apply_cpu_shim, cuda_literals_unmapped
+
+    apply_cpu_shim()
+    modes = torch._C._len_torch_function_stack()
+    with cuda_literals_unmapped():
+        assert torch._C._len_torch_function_stack() == modes - 1
+        assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.ones(2, device="cuda")
+    with pytest.raises(ValueError):
+        with cuda_literals_unmapped():
+            raise ValueError("inside")
+    assert torch._C._len_torch_function_stack() == modes
+    assert torch.ones(2, device="cuda").device.type == "cpu"
+
+
 def _device() -> torch.device:
     # The CPU when there is no GPU; init_distributed(device="auto") picks the same.
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
