@@ -1,7 +1,7 @@
 """Tokenization throughput: `mesh data tokenize` vs a per-document loop vs the raw tokenizer.
 
-    python bench/data_prep.py                  # about 10 minutes on 2 cores
-    python bench/data_prep.py --repeats 1 --max-bytes 2000000   # a quick look
+    python bench/data_prep.py                  # about 15 minutes on 2 idle cores
+    python bench/data_prep.py --repeats 1 --copies 1 --max-bytes 2000000   # a quick look
 
 The same input, side by side in one run, at 1 and 2 workers:
 
@@ -12,14 +12,17 @@ The same input, side by side in one run, at 1 and 2 workers:
             time (in a pool of W processes with ``imap`` when W > 1) and write
             with megatron-core's ``IndexedDatasetBuilder.add_item``;
 * ceiling   the tokenizer's own batch encoder on the texts already in memory
-            (W threads): no reading, parsing or writing. Nothing can beat it.
+            (W threads), in batches of ~1 MB of text: no reading, parsing
+            or writing.
 
 Both tokenizers of the tool: a sentencepiece BPE model and a byte-level BPE
 ``tokenizer.json`` (the GPT-NeoX-20B kind), both trained here on the corpus
 (vocabulary 8192). Two corpora with the same text: the stdlib demo corpus
-(one document per module, ~13 kB each) and the same text re-cut into
-documents with a Pile-like size distribution (log-normal, median 1.5 kB,
-mean ~3.5 kB), where per-document overheads weigh more.
+(one document per module, ~13 kB each; all of this machine's stdlib, ~10 MB,
+written ``--copies`` times so that worker start-up, ~0.2 s per worker, does
+not dominate) and the same text re-cut into documents with a Pile-like size
+distribution (log-normal, median 1.5 kB, mean ~3.8 kB), where per-document
+overheads weigh more.
 
 Runs are interleaved (every configuration once per repeat) so machine noise
 hits them alike. On a shared machine other processes steal cores, which
@@ -28,8 +31,11 @@ to ``--quiet-wait`` seconds) until the CPUs are idle, and it measures how much
 CPU other processes used during the run (/proc/stat minus our own process
 tree). The table reports, per configuration, the fastest run; the JSON keeps
 every run with its "other load" (cores used by others, on average) and the
-medians. Imports (torch, megatron-core) happen before any timing; worker
-start-up is inside it. Each run's output is checked: the tool
+medians. Each run is a fresh process, as a real run is (a long-lived
+benchmark process's heap slowed single-threaded tokenizers runs erratically
+by up to 40%); its imports (torch, megatron-core) and, for the ceiling, the
+loading of the texts happen before its clock starts. Worker start-up is
+inside the clock. Each run's output is checked: the tool
 and the per-document loop must write byte-identical .bin files.
 Results go to bench/results/data_prep-<date>.json and a markdown table on
 stdout; ``--update-docs`` also puts the table into docs/data_prep.md.
@@ -172,11 +178,31 @@ def per_document(input_path: Path, tokenizer_path: str, out_prefix: Path, worker
 # --------------------------------------------------------------------------
 
 
-def ceiling(tokenizer: Tokenizer, texts: list[str], workers: int) -> tuple[int, int]:
-    tokens = 0
-    for start in range(0, len(texts), 512):
-        tokens += sum(map(len, tokenizer.encode_batch(texts[start:start + 512], num_threads=workers)))
-    return len(texts), tokens + len(texts)  # + EOD, to count tokens like the writers do
+def text_batches(texts: list[str], batch_bytes: int = 1 << 20) -> list[list[str]]:
+    """Consecutive texts in batches of about ``batch_bytes`` (the tool's chunk size).
+
+    The batch size matters: a tokenizers batch of hundreds of 13 kB documents
+    runs ~40% slower than batches of ~1 MB (all their Encoding objects are
+    alive at once), so a ceiling measured with huge batches would not be one.
+    """
+    batches, batch, size = [], [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_bytes:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def ceiling(tokenizer: Tokenizer, batches: list[list[str]], workers: int) -> tuple[int, int]:
+    documents = tokens = 0
+    for batch in batches:
+        tokens += sum(map(len, tokenizer.encode_batch(batch, num_threads=workers)))
+        documents += len(batch)
+    return documents, tokens + documents  # + EOD, to count tokens like the writers do
 
 
 def _busy_and_total_jiffies() -> tuple[int, int]:
@@ -207,12 +233,12 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
     return time.monotonic() - started
 
 
-def run_once(mode: str, workers: int, input_path: Path, tokenizer_path: str, texts: list[str], work: Path):
-    out = work / f"{mode}-{workers}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    busy_start, _ = _busy_and_total_jiffies()
-    own_start = _own_cpu_seconds()
+def measure_one(mode: str, workers: int, input_path: Path, tokenizer_path: str, out: Path) -> dict:
+    """One timed run, in this (fresh) process: imports and input loading happen before the clock starts."""
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
+    import torch  # noqa: F401
+
+    batches = text_batches([t for t, _ in iter_documents([input_path])]) if mode == "ceiling" else None
     started = time.perf_counter()
     if mode == "tool":
         tokenizer = load_tokenizer(tokenizer_path)
@@ -223,11 +249,29 @@ def run_once(mode: str, workers: int, input_path: Path, tokenizer_path: str, tex
         documents, tokens = per_document(input_path, tokenizer_path, out / "data", workers)
     else:
         tokenizer = load_tokenizer(tokenizer_path)
-        documents, tokens = ceiling(tokenizer, texts, workers)
-    seconds = time.perf_counter() - started
+        documents, tokens = ceiling(tokenizer, batches, workers)
+    return {"seconds": time.perf_counter() - started, "documents": documents, "tokens": tokens}
+
+
+def run_once(mode: str, workers: int, input_path: Path, tokenizer_path: str, work: Path):
+    """``measure_one`` in a fresh process, as a real run would be: a long-lived benchmark
+    process's heap makes allocation-heavy tokenizers (tokenizers' Encodings) erratically slower."""
+    import subprocess
+
+    out = work / f"{mode}-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    spec = json.dumps({"mode": mode, "workers": workers, "input": str(input_path), "tokenizer": tokenizer_path,
+                       "out": str(out)})
+    busy_start, _ = _busy_and_total_jiffies()
+    own_start = _own_cpu_seconds()
+    wall = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - wall
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     busy = (_busy_and_total_jiffies()[0] - busy_start) / os.sysconf("SC_CLK_TCK")
-    other_load = max(0.0, busy - (_own_cpu_seconds() - own_start)) / seconds
-    return seconds, documents, tokens, other_load
+    other_load = max(0.0, busy - (_own_cpu_seconds() - own_start)) / wall
+    return result["seconds"], result["documents"], result["tokens"], other_load
 
 
 def measure(name: str, input_path: Path, tokenizer_path: str, texts: list[str], repeats: int, work: Path,
@@ -243,7 +287,7 @@ def measure(name: str, input_path: Path, tokenizer_path: str, texts: list[str], 
             order.reverse()
         for mode, workers in order:
             waited = wait_for_quiet(quiet_wait)
-            s, documents, tokens, other = run_once(mode, workers, input_path, tokenizer_path, texts, work)
+            s, documents, tokens, other = run_once(mode, workers, input_path, tokenizer_path, work)
             seconds[(mode, workers)].append(s)
             loads[(mode, workers)].append(other)
             counts.setdefault((mode, workers), (documents, tokens))
@@ -319,25 +363,28 @@ def update_docs(table: str, report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-bytes", type=int, default=demo_corpus.DEFAULT_MAX_BYTES,
-                        help="text budget of the stdlib corpus (default: %(default)s)")
+    parser.add_argument("--max-bytes", type=int, default=30_000_000,
+                        help="text budget of the stdlib corpus (default: %(default)s, i.e. all of it)")
+    parser.add_argument("--copies", type=int, default=2, help="times the corpus is repeated (default: %(default)s)")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/data_prep.md")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait for idle CPUs before each run (default: %(default)s)")
+    parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)  # internal: one timed run
     args = parser.parse_args()
-
-    # Imported now so that no measurement pays for it.
-    import megatron.core.datasets.indexed_dataset  # noqa: F401
-    import torch  # noqa: F401
+    if args.one:
+        spec = json.loads(args.one)
+        result = measure_one(spec["mode"], spec["workers"], Path(spec["input"]), spec["tokenizer"], Path(spec["out"]))
+        print(json.dumps(result))
+        return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
     loadavg_start = os.getloadavg()
-    corpus_dir = work / "corpus"
+    corpus_dir = work / f"corpus-{args.max_bytes}"
     if not demo_corpus.corpus_is_complete(corpus_dir):
         demo_corpus.build_demo_corpus(corpus_dir, max_bytes=args.max_bytes, valid_fraction=0.0001)
-    stdlib = [text for text, _ in iter_documents([corpus_dir / demo_corpus.TRAIN_FILE])]
+    stdlib = [text for text, _ in iter_documents([corpus_dir / demo_corpus.TRAIN_FILE])] * args.copies
     corpora = {"stdlib": stdlib, "pile-like": pile_like(stdlib)}
     paths = {}
     for name, texts in corpora.items():
@@ -349,9 +396,9 @@ def main() -> None:
         "tokenizer.json": str(work / "tokenizer.json"),
     }
     if not Path(tokenizers["sentencepiece"]).exists():
-        train_sentencepiece([paths["stdlib"]], work / "sp", vocab_size=VOCAB)
+        train_sentencepiece([corpus_dir / demo_corpus.TRAIN_FILE], work / "sp", vocab_size=VOCAB)
     if not Path(tokenizers["tokenizer.json"]).exists():
-        hf_tokenizer(stdlib, Path(tokenizers["tokenizer.json"]))
+        hf_tokenizer(stdlib[: len(stdlib) // args.copies], Path(tokenizers["tokenizer.json"]))
 
     runs = {}
     for tok_name, tok_path in tokenizers.items():
@@ -369,6 +416,7 @@ def main() -> None:
                     "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()},
         "versions": {"sentencepiece": sentencepiece.__version__, "tokenizers": hf_tokenizers.__version__},
         "repeats": args.repeats,
+        "copies": args.copies,
         "input_mb": round(sum(len(t.encode()) for t in stdlib) / 1e6, 2),
         "vocab_size": VOCAB,
         "runs": runs,
