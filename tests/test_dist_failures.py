@@ -147,13 +147,17 @@ def test_bad_world_size_is_one_line_per_rank_before_any_model(demo_data, tmp_pat
     assert result.returncode != 0
     stderr_files = sorted(log_dir.rglob("stderr.log"))
     assert len(stderr_files) == 3, stderr_files
+    expected = ["mesh train: error: world size 3 is not divisible by parallel.tensor (2) x parallel.pipeline (1) "
+                "= 2; launch a multiple of 2 processes"]
+    printed = 0
     for path in stderr_files:
         lines = [l for l in path.read_text().splitlines()
                  if l.strip() and "warn" not in l.lower() and not l.startswith("  ")]
-        assert lines == [
-            "mesh train: error: world size 3 is not divisible by parallel.tensor (2) x parallel.pipeline (1) "
-            "= 2; launch a multiple of 2 processes"
-        ], (path, lines)
+        # torchrun stops the other ranks as soon as one exits, so on a busy machine a slow rank
+        # may be stopped before it got as far as the check: silent, but never anything else.
+        assert lines in (expected, []), (path, lines)
+        printed += lines == expected
+    assert printed >= 1
     for path in log_dir.rglob("stdout.log"):
         assert "model:" not in path.read_text()
     assert not (tmp_path / "run" / "config.yaml").exists()
