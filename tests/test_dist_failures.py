@@ -135,8 +135,8 @@ def worker_args(data, run_dir, *overrides: str) -> list[str]:
 
 @slow
 def test_bad_world_size_is_one_line_per_rank_before_any_model(demo_data, tmp_path):
-    """`torchrun --nproc_per_node 3 -m pretrain ... parallel.tensor=2`: every rank prints
-    one error line and exits 2; no model is built, no process group is formed."""
+    """`torchrun --nproc_per_node 3 -m pretrain ... parallel.tensor=2`: every rank that
+    gets to run prints one error line and exits 2; no model is built, no process group is formed."""
     log_dir = tmp_path / "logs"
     result = torchrun(
         3,
