@@ -332,10 +332,12 @@ def _full_states(engine, zero_stage: int, param: torch.nn.Parameter, with_moment
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     shape = tuple(getattr(param, "ds_shape", param.shape))
-    out = {"param": safe_get_full_fp32_param(param).reshape(shape).cpu().clone()}
+    # Each call assembles a fresh buffer (zeros + the DP reduction), so no copy is needed
+    # to keep it while training goes on.
+    out = {"param": safe_get_full_fp32_param(param).reshape(shape).cpu()}
     if with_moments:
         for key in ADAM_KEYS:
-            out[key] = safe_get_full_optimizer_state(param, key).reshape(shape).cpu().clone()
+            out[key] = safe_get_full_optimizer_state(param, key).reshape(shape).cpu()
     return out
 
 
