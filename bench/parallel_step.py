@@ -80,11 +80,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_LAYOUTS = "1x1x1,2x1x1,1x2x1,1x1x2"
-# Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-    "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0, "V100": 125.0,
-}
 
 
 def parse_layout(text: str) -> tuple[int, int, int]:
@@ -220,18 +215,12 @@ def make_optimizer(model, config):
 
 # --------------------------------------------------------------------------- FLOPs
 def flops_per_token(model_config) -> dict:
-    """F_token = 6 * N_compute + 12 * L_compute * s * d (see the module docstring)."""
-    cfg, split = model_config, model_config.split
-    d, f = cfg.hidden_size, cfg.ffn_size
-    # qkv + proj (with biases), fc1 + fc2 (with biases), two LayerNorms: 12 d^2 + 13 d at f = 4d.
-    per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
-    routers = 0
-    if cfg.variant == "mesh":  # N_loop + 1 (write, read) pairs of Linear(d -> B), each used once
-        routers = (split.loops + 1) * 2 * (d * cfg.buffer_slots + cfg.buffer_slots)
-    n_compute = per_layer * split.compute_depth + routers + 2 * d + cfg.padded_vocab_size * d
-    attention = 12 * split.compute_depth * cfg.seq_length * d
-    return {"n_compute": n_compute, "flops_per_token": 6 * n_compute + attention,
-            "attention_flops_per_token": attention}
+    """F_token = 6 * N_compute + 12 * L_compute * s * d (mesh_model/flops.py)."""
+    from mesh_model.flops import flops_per_token as token_flops
+
+    flops = token_flops(model_config)
+    return {"n_compute": flops.n_compute, "flops_per_token": flops.total,
+            "attention_flops_per_token": flops.attention}
 
 
 # --------------------------------------------------------------------------- worker
@@ -394,15 +383,10 @@ def merge_rounds(results: list[dict]) -> dict:
 def peak_flops(args) -> float | None:
     import torch
 
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value * 1e12
-    return None
+    from pretrain.mfu import peak_flops as device_peak
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return device_peak(device, args.peak_tflops)
 
 
 def report(results: list[dict], args) -> dict:

@@ -181,10 +181,15 @@ class LoggingConfig:
     """offline (default: logs locally, sync later with `wandb sync`), online or disabled."""
     wandb_project: str = "mesh-pretrain"
     progress_bar: bool = True
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device, for train/mfu. Default: the dense bf16 peak looked up
+    from the GPU's name (pretrain/mfu.py); on CPU no MFU is logged."""
 
     def validate(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"logging.peak_tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device)")
 
 
 @dataclass

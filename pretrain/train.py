@@ -36,6 +36,7 @@ from megatron.core import parallel_state
 
 from data_prep.errors import DataError
 from mesh_model.config import ConfigError
+from mesh_model.flops import flops_per_token as token_flops
 from mesh_model.model import build_model
 from mesh_model.params import count_parameters
 from pretrain import checkpoint as ckpt
@@ -46,6 +47,7 @@ from pretrain.data import build_datasets, check_prefixes, micro_batches, parse_b
 from pretrain.distributed import check_parallel_sizes, destroy_distributed, init_distributed
 from mesh_model.unrolled import partition, unrolled_ops
 from pretrain.engine import build_engine
+from pretrain.mfu import model_flops_per_device, peak_flops
 from pretrain.pipeline import (
     ReplicatedCoreGrads, ScheduleModel, check_pipeline_config, check_virtual_pipeline, run_schedule,
 )
@@ -476,6 +478,8 @@ class Trainer:
         self.setup()
         cfg = self.config.train
         tokens_per_step = self.config.train.global_batch_size * self.config.model.seq_length
+        flops_per_token = token_flops(self.config.model).total
+        peak = peak_flops(self.device, self.config.logging.peak_tflops)
         first = self.counters["step"]
         result = TrainResult(steps=cfg.steps, run_dir=str(self.run_dir), start_step=first,
                              resumed_from=str(self.resume_report.path) if self.resume_report else None,
@@ -532,10 +536,13 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 grad_norm = self.engine.get_global_grad_norm()
+                device_flops = model_flops_per_device(flops_per_token, tokens_per_s, self.ctx.world_size)
                 self.log_metrics(step, {
                     "train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "train/tokens": step * tokens_per_step,
+                    "train/tflops_per_device": device_flops / 1e12,
+                    **({"train/mfu": device_flops / peak} if peak else {}),
                 })
                 window_start, window_tokens = time.perf_counter(), 0
             faults.step_delay()

@@ -25,7 +25,7 @@ import math
 
 import pytest
 
-from tests.parallel.harness import BF16_LOSS_ATOL, BF16_STEPS, Run, assert_equivalent, compare, run_plan
+from tests.parallel.harness import BF16_STEPS, Run, assert_bf16_close_to_fp32, assert_equivalent, compare, run_plan
 
 # The first test that needs a launch pays for it (up to a few minutes on a busy 2-core
 # machine); every launch has its own subprocess timeout as well.
@@ -185,14 +185,5 @@ def test_router_gradients_under_tensor_parallelism(dist_results, layout):
 
 
 def test_bf16_trains_close_to_fp32(dist_results):
-    fp32 = dist_results("mesh-dp2-z1-fp32-12")
-    bf16 = dist_results("mesh-dp2-z1-bf16-12")
-    assert bf16["layout"]["bf16"] and not fp32["layout"]["bf16"]
-    losses = bf16["losses"]
-    assert len(losses) == BF16_STEPS and all(math.isfinite(l) for l in losses)
-    assert losses[-1] < losses[0] - 0.3, losses  # it trains
-    gaps = [abs(a - b) for a, b in zip(losses, fp32["losses"])]
-    print(f"\nbf16 vs fp32 (DP=2, ZeRO-1): max |loss gap| {max(gaps):.2e} nats; per step "
-          + " ".join(f"{g:.1e}" for g in gaps))
-    assert max(gaps) <= BF16_LOSS_ATOL, gaps
-    assert all(math.isfinite(g) for g in bf16["grad_norms"])
+    assert_bf16_close_to_fp32(dist_results("mesh-dp2-z1-bf16-12"), dist_results("mesh-dp2-z1-fp32-12"),
+                              "bf16 vs fp32 (DP=2, ZeRO-1)")

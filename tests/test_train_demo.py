@@ -29,10 +29,19 @@ def test_demo_training_learns(demo_data, tmp_path):
     result = run_mesh(
         "demo", "--data-dir", str(demo_data), "--run-dir", str(run_dir),
         "train.steps=40", "train.eval_interval=20", "train.eval_batches=4", "train.log_interval=5",
-        "logging.wandb_mode=offline", "logging.progress_bar=false",
+        "logging.wandb_mode=offline", "logging.progress_bar=false", "logging.peak_tflops=0.5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
+    # Throughput in model FLOPs: F_token x tokens/s on one process, and MFU against the given peak.
+    from mesh_model.flops import flops_per_token
+    from pretrain.config import load_config
+
+    token_flops = flops_per_token(load_config(run_dir / "config.yaml").model).total
+    rows = [m for m in metrics if "train/loss" in m]
+    for row in rows:
+        assert row["train/tflops_per_device"] == pytest.approx(row["train/tokens_per_s"] * token_flops / 1e12)
+        assert row["train/mfu"] == pytest.approx(row["train/tflops_per_device"] / 0.5)
     train = [m["train/loss"] for m in metrics if "train/loss" in m]
     valid = [m for m in metrics if "valid/ppl" in m]
     assert [v["step"] for v in valid] == [0, 20, 40]

@@ -196,6 +196,22 @@ def compare(ref: dict, run: dict) -> dict:
     return report
 
 
+def assert_bf16_close_to_fp32(bf16: dict, fp32: dict, label: str) -> list[float]:
+    """The bf16 criterion of docs/parallelism.md: BF16_STEPS finite losses that fall,
+    each within BF16_LOSS_ATOL nats of the fp32 run's loss at the same step, and
+    finite gradient norms. Returns the per-step gaps (printed with `label`)."""
+    assert bf16["layout"]["bf16"] and not fp32["layout"]["bf16"], (bf16["layout"], fp32["layout"])
+    losses = bf16["losses"]
+    assert len(losses) == BF16_STEPS == len(fp32["losses"]), (len(losses), len(fp32["losses"]))
+    assert all(math.isfinite(l) for l in losses), losses
+    assert losses[-1] < losses[0] - 0.3, losses  # it trains
+    gaps = [abs(a - b) for a, b in zip(losses, fp32["losses"])]
+    print(f"\n{label}: max |loss gap| {max(gaps):.2e} nats; per step " + " ".join(f"{g:.1e}" for g in gaps))
+    assert max(gaps) <= BF16_LOSS_ATOL, gaps
+    assert all(math.isfinite(g) for g in bf16["grad_norms"]), bf16["grad_norms"]
+    return gaps
+
+
 def assert_equivalent(ref: dict, run: dict, label: str = "") -> dict:
     """The equivalence criterion of docs/parallelism.md; returns the measured report."""
     report = compare(ref, run)
