@@ -55,8 +55,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mesh_model.config import ConfigError
-
 FORMAT = "mesh-checkpoint"
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -227,6 +225,23 @@ def _save_file(obj: Any, path: Path) -> dict:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": writer.bytes, "sha256": writer.digest.hexdigest()}
+
+
+def _bytes_entry(data: bytes) -> dict:
+    """The metadata's record of a file written from memory: size and sha256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _file_cache(path: Path):
+    """A loader of a checkpoint's files by relative name; each file is read once."""
+    cache: dict[str, Any] = {}
+
+    def file(rel: str) -> Any:
+        if rel not in cache:
+            cache[rel] = _load_file(path / rel)
+        return cache[rel]
+
+    return file
 
 
 def _load_file(path: Path) -> Any:
@@ -580,8 +595,7 @@ def finish_save(pending: PendingSave) -> Path:
         meta = dict(pending.meta)
         config_text = meta.pop("config_text")
         (pending.path / "config.yaml").write_text(config_text)
-        all_files["config.yaml"] = {"bytes": len(config_text.encode()),
-                                    "sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+        all_files["config.yaml"] = _bytes_entry(config_text.encode())
         meta.update({
             "tensors": dict(sorted(tensors.items())),
             "files": dict(sorted(all_files.items())),
@@ -649,20 +663,14 @@ def load(path: Path, *, engine, scheduler, zero_stage: int, model_config) -> Loa
     if adam_step is not None:
         _materialize_adam_state(engine, float(adam_step))
 
-    cache: dict[str, Any] = {}
-
-    def file(rel: str) -> dict:
-        if rel not in cache:
-            cache[rel] = _load_file(path / rel)
-        return cache[rel]
-
+    file = _file_cache(path)
     tensors = meta["tensors"]
     for name, param in engine.module.named_parameters():
         entry = tensors.get(name)
         if entry is None:
             raise CheckpointError(f"{path / META}: no tensor {name!r} (a different model or a damaged checkpoint)")
         local_shape = list(getattr(param, "ds_shape", param.shape))
-        states = _assemble(path, name, entry, file, layout, _is_tp_sharded(param),
+        states = _assemble(path, name, entry, file, layout.tensor, layout.tp_rank, _is_tp_sharded(param),
                            getattr(param, "partition_dim", None))
         if list(states["param"].shape) != local_shape:
             raise CheckpointError(
@@ -670,7 +678,7 @@ def load(path: Path, *, engine, scheduler, zero_stage: int, model_config) -> Loa
                 f"the model needs {local_shape} (a different model)"
             )
         _set_states(engine, zero_stage, param, states)
-    cache.clear()
+    del file  # the state files' memory maps
 
     # LR schedule and engine counters; the group LRs follow the restored schedule.
     sched = scheduler.state_dict()
@@ -696,31 +704,38 @@ def load(path: Path, *, engine, scheduler, zero_stage: int, model_config) -> Loa
     return LoadReport(path, dict(meta["counters"]), notes, adam_step is not None, restored_rng)
 
 
-def _assemble(path: Path, name: str, entry: dict, file, layout: Layout, sharded: bool, partition_dim) -> dict:
+def _assemble(path: Path, name: str, entry: dict, file, tp_size: int, tp_rank: int, sharded: bool,
+              partition_dim) -> dict:
     """This rank's TP shard of one tensor's states, from the shards the checkpoint has."""
-    saved_dim = entry["tp_dim"]
-    if (saved_dim is not None) != sharded or (sharded and saved_dim != partition_dim):
+    if (entry["tp_dim"] is not None) != sharded or (sharded and entry["tp_dim"] != partition_dim):
         raise CheckpointError(f"{path}: tensor {name!r} is split differently than this model's (a different model)")
+    return _reshard(path, name, entry, file, tp_size, tp_rank)
 
-    def shard_states(tp_rank: int) -> dict:
-        rel = entry["shards"].get(str(tp_rank))
+
+def _reshard(path: Path, name: str, entry: dict, file, tp_size: int, tp_rank: int) -> dict:
+    """Shard ``tp_rank`` of ``tp_size`` of one tensor's states (whole if it is not TP-split)."""
+    saved_dim = entry["tp_dim"]
+
+    def shard_states(saved_rank: int) -> dict:
+        rel = entry["shards"].get(str(saved_rank))
         if rel is None:
-            raise CheckpointError(f"{path / META}: tensor {name!r} lacks its TP shard {tp_rank} (damaged metadata)")
+            raise CheckpointError(f"{path / META}: tensor {name!r} lacks its TP shard {saved_rank} (damaged metadata)")
         data = file(rel)
         if name not in data:
             raise CheckpointError(f"{path / rel}: has no tensor {name!r} (damaged)")
         return data[name]
 
-    if not sharded:
+    if saved_dim is None:
         return shard_states(0)
     saved_tp = entry["tp_size"]
-    if saved_tp == layout.tensor:
-        return shard_states(layout.tp_rank)
+    if saved_tp == tp_size:
+        return shard_states(tp_rank)
     pieces = [shard_states(r) for r in range(saved_tp)]
     out = {}
     for key in pieces[0]:
         full = torch.cat([p[key] for p in pieces], dim=saved_dim)
-        out[key] = full.chunk(layout.tensor, dim=saved_dim)[layout.tp_rank].clone()
+        # A slice of a larger tensor is copied, so the whole does not stay alive behind it.
+        out[key] = full.chunk(tp_size, dim=saved_dim)[tp_rank].clone() if tp_size > 1 else full
     return out
 
 
@@ -728,19 +743,11 @@ def _assemble(path: Path, name: str, entry: dict, file, layout: Layout, sharded:
 def consolidate(path: Path, with_optimizer: bool = False) -> dict[str, torch.Tensor]:
     """{name: full fp32 tensor} of a checkpoint, all TP shards merged (one process, no GPU)."""
     meta = read_meta(path)
-    cache: dict[str, Any] = {}
+    file = _file_cache(path)
     out: dict[str, torch.Tensor] = {}
     for name, entry in meta["tensors"].items():
-        pieces = []
-        for r in range(entry["tp_size"]):
-            rel = entry["shards"].get(str(r))
-            if rel is None:
-                raise CheckpointError(f"{path / META}: tensor {name!r} lacks its TP shard {r}")
-            if rel not in cache:
-                cache[rel] = _load_file(path / rel)
-            pieces.append(cache[rel][name])
-        keys = ["param", *(ADAM_KEYS if with_optimizer and "exp_avg" in pieces[0] else ())]
-        for key in keys:
-            full = pieces[0][key] if entry["tp_dim"] is None else torch.cat([p[key] for p in pieces], entry["tp_dim"])
-            out[name if key == "param" else f"{name}#{key}"] = full.clone()
+        states = _reshard(path, name, entry, file, tp_size=1, tp_rank=0)
+        keys = ["param", *(ADAM_KEYS if with_optimizer and "exp_avg" in states else ())]
+        for key in keys:  # copies: independent of the (memory-mapped) state files
+            out[name if key == "param" else f"{name}#{key}"] = states[key].clone()
     return out

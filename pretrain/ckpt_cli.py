@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,7 @@ def _roots_and_checkpoints(path: Path):
     if (path / ckpt.META).exists() or ckpt._STEP_DIR.match(path.name):
         return [ckpt.inspect_dir(path)]
     if not path.is_dir():
-        from pretrain.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{path}: no such directory")
+        raise ckpt.CheckpointError(f"{path}: no such directory")
     return ckpt.list_checkpoints(path)
 
 
@@ -154,9 +151,7 @@ def convert_layout(source: Path, out: Path, tensor: int, overwrite: bool = False
         files[rel] = ckpt._save_file(shard, tmp / rel)
     config = (source / "config.yaml").read_bytes()
     (tmp / "config.yaml").write_bytes(config)
-    import hashlib
-
-    files["config.yaml"] = {"bytes": len(config), "sha256": hashlib.sha256(config).hexdigest()}
+    files["config.yaml"] = ckpt._bytes_entry(config)
     new_meta = dict(meta, tensors=index, files=files,
                     layout={**meta["layout"], "tensor": tensor, "pipeline": 1, "data": 1},
                     converted_from=str(source), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

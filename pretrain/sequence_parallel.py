@@ -67,8 +67,9 @@ class SequenceParallelGrads:
 
             group = parallel_state.get_tensor_model_parallel_group()
         self.group = group
-        self.names = [name for name, _ in sequence_parallel_parameters(model)]
-        self.handles = [param.register_hook(self._all_reduce) for _, param in sequence_parallel_parameters(model)]
+        params = sequence_parallel_parameters(model)
+        self.names = [name for name, _ in params]
+        self.handles = [param.register_hook(self._all_reduce) for _, param in params]
 
     def _all_reduce(self, grad: torch.Tensor) -> torch.Tensor:
         # A copy: autograd may hand the hook a tensor that is also used elsewhere.

@@ -176,14 +176,13 @@ def test_mesh_ckpt_list_verify_convert(root, tmp_path, capsys):
 
 def test_a_run_folder_is_resumed_only_from_a_checkpoint(saved, demo_data, tmp_path):
     from mesh_model.config import ConfigError
-    from pretrain.config import load_config
     from pretrain.train import check_startup
-    from tests.parallel.harness import CONFIG, TINY, data_overrides
+    from tests.parallel.harness import tiny_config
 
     run_dir = saved[0].parent
 
     def config(*overrides):
-        return load_config(CONFIG, [*TINY, *data_overrides(demo_data), *overrides])
+        return tiny_config(demo_data, *overrides)
 
     check_startup(config(f"logging.run_dir={run_dir}"), 1)  # holds checkpoints: resumes
     with pytest.raises(ConfigError, match="already holds a run and checkpoint.resume=none"):

@@ -14,19 +14,18 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from mesh_model.config import ConfigError
-from pretrain.config import load_config
 from pretrain.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, collective_timeout_s
-from tests.parallel.harness import CONFIG, REPO, TINY, WORKER, data_overrides, launch_env, tail, torchrun
+from tests.parallel import harness
+from tests.parallel.harness import CONFIG, TINY, WORKER, data_overrides, launch_env, tail, torchrun
 
 
 def tiny_config(data, tmp_path, *overrides: str):
-    return load_config(CONFIG, [*TINY, *data_overrides(data), f"logging.run_dir={tmp_path / 'run'}", *overrides])
+    return harness.tiny_config(data, f"logging.run_dir={tmp_path / 'run'}", *overrides)
 
 
 # --------------------------------------------------------------------------- start-up checks

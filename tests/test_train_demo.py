@@ -42,7 +42,7 @@ def test_demo_training_learns(demo_data, tmp_path):
     for row in rows:
         assert row["train/tflops_per_device"] == pytest.approx(row["train/tokens_per_s"] * token_flops / 1e12)
         assert row["train/mfu"] == pytest.approx(row["train/tflops_per_device"] / 0.5)
-    train = [m["train/loss"] for m in metrics if "train/loss" in m]
+    train = [row["train/loss"] for row in rows]
     valid = [m for m in metrics if "valid/ppl" in m]
     assert [v["step"] for v in valid] == [0, 20, 40]
     assert train[-1] < train[0] - 1.0, train

@@ -72,6 +72,13 @@ def data_overrides(data: Path) -> list[str]:
     return [f"data.tokenizer={data / 'tokenizer.model'}", f"data.train=[{data / 'train_text_document'}]"]
 
 
+def tiny_config(data: Path, *overrides: str):
+    """The TINY run config on the demo corpus in `data`, then `overrides` (in-process checks)."""
+    from pretrain.config import load_config
+
+    return load_config(CONFIG, [*TINY, *data_overrides(data), *overrides])
+
+
 @dataclass
 class Run:
     """One training run of a plan. `overrides` come after TINY and the data overrides."""
