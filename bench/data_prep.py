@@ -5,7 +5,7 @@
 
 The same input, side by side in one run, at 1 and 2 workers:
 
-* tool      data_prep.pipeline.tokenize_corpus (read .jsonl.zst, parse, batch
+* tool      data_prep.tokenization.run.tokenize_corpus (read .jsonl.zst, parse, batch
             encode, EOD, write .bin/.idx and the manifest), ``--workers W``;
 * per-doc   the way common preprocessing scripts work: read the file line by
             line, ``json.loads`` each, ``tokenizer.encode`` one document at a
@@ -64,11 +64,11 @@ sys.path.insert(0, str(ROOT))
 import numpy  # noqa: E402
 
 from data_prep import demo_corpus  # noqa: E402
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus  # noqa: E402
-from data_prep.reader import iter_documents  # noqa: E402
+from data_prep.inputs.document_reader import iter_documents  # noqa: E402
+from data_prep.outputs.jsonl_zst import JsonlZstWriter, pile_record  # noqa: E402
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus  # noqa: E402
 from data_prep.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from data_prep.train_tokenizer import train_sentencepiece  # noqa: E402
-from data_prep.writer import JsonlZstWriter, pile_record  # noqa: E402
 
 WORKERS = (1, 2)
 VOCAB = 8192

@@ -14,12 +14,23 @@ import sys
 import os
 import re
 
-from data_prep import demo_corpus, pipeline, train_tokenizer
+from data_prep import demo_corpus, train_tokenizer
 from data_prep.demo import prepare_demo
 from data_prep.errors import DataError
-from data_prep.inputs import HFDatasetInput
-from data_prep.inspect_output import inspect_prefix
+from data_prep.inputs.discovery import HFDatasetInput
+from data_prep.inputs.records import DEFAULT_MAX_DOCUMENT_BYTES
+from data_prep.outputs.inspect_output import inspect_prefix
 from data_prep.report import print_corpus_stats, print_run_summary, print_tokenizer_stats
+from data_prep.tokenization.run import (
+    DEFAULT_CHECKPOINT_SECONDS,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_SETS,
+    DEFAULT_SHARD_BYTES,
+    Interrupted,
+    TokenizeOptions,
+    resolve_inputs,
+    tokenize_corpus,
+)
 from data_prep.tokenizer import DEFAULT_EOD_TOKEN, load_tokenizer
 
 
@@ -97,9 +108,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if not inputs:
         raise DataError("no inputs: pass --input (files, directories or globs) and/or --hf-dataset")
     # Inputs are checked before the tokenizer is loaded: a typo should not wait for anything.
-    pipeline.resolve_inputs(inputs, args.val_input or (), args.test_input or (), args.node_rank, args.num_nodes)
+    resolve_inputs(inputs, args.val_input or (), args.test_input or (), args.node_rank, args.num_nodes)
     tokenizer = load_tokenizer(args.tokenizer, eod_token=args.eod_token)
-    options = pipeline.TokenizeOptions(
+    options = TokenizeOptions(
         text_key=args.text_key, set_key=args.set_key, split_by_set=args.split_by_set,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
         shard_bytes=args.shard_size, chunk_bytes=args.chunk_size, max_document_bytes=args.max_document_size,
@@ -107,13 +118,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         checkpoint_seconds=args.checkpoint_interval, durable=not args.no_fsync,
     )
     try:
-        manifest = pipeline.tokenize_corpus(
+        manifest = tokenize_corpus(
             inputs, tokenizer, args.out, options,
             val_inputs=args.val_input or (), test_inputs=args.test_input or (),
             overwrite=args.overwrite, progress=not args.no_progress, command=list(sys.argv),
             node_rank=args.node_rank, num_nodes=args.num_nodes,
         )
-    except pipeline.Interrupted as stop:
+    except Interrupted as stop:
         print(f"mesh data tokenize: {stop}", file=sys.stderr)
         return 130
     print_run_summary(args.out, manifest)
@@ -259,7 +270,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="field holding each document's text; dots reach into objects (default: %(default)s)")
     src.add_argument("--set-key", default="meta.pile_set_name", metavar="KEY",
                      help="field naming each document's subset (default: %(default)s)")
-    src.add_argument("--max-document-size", type=parse_size, default=pipeline.DEFAULT_MAX_DOCUMENT_BYTES,
+    src.add_argument("--max-document-size", type=parse_size, default=DEFAULT_MAX_DOCUMENT_BYTES,
                      metavar="SIZE", help="skip documents larger than this: the JSON line, or for parquet / HF "
                                           "datasets the text, in bytes (default: 64MiB)")
     src.add_argument("--num-nodes", type=_positive_int, default=1, metavar="K",
@@ -277,11 +288,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="PREFIX", help="output prefix, e.g. data/pile/pile")
     out.add_argument("--overwrite", action="store_true", help="replace existing output at PREFIX")
-    out.add_argument("--shard-size", type=_shard_size, default=pipeline.DEFAULT_SHARD_BYTES, metavar="SIZE",
+    out.add_argument("--shard-size", type=_shard_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
                      help="largest .bin per shard, e.g. 1GiB; 0: one shard per prefix (default: 4GiB)")
     out.add_argument("--split-by-set", action="store_true",
                      help="one output prefix per subset (--set-key), for weighted blends in training")
-    out.add_argument("--max-sets", type=_positive_int, default=pipeline.DEFAULT_MAX_SETS, metavar="N",
+    out.add_argument("--max-sets", type=_positive_int, default=DEFAULT_MAX_SETS, metavar="N",
                      help="subsets beyond the first N seen go to one 'other-sets' prefix (default: %(default)s)")
     out.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
                      help="send this fraction of documents (chosen by a hash of their text) to OUT_val")
@@ -292,12 +303,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("performance and resume")
     run.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="tokenizer processes (default: all %(default)s cores); the output does not depend on it")
-    run.add_argument("--chunk-size", type=parse_size, default=pipeline.DEFAULT_CHUNK_BYTES, metavar="SIZE",
+    run.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                      help="input per unit of work (default: 1MiB); part of the output's identity: keep it "
                           "when resuming")
     run.add_argument("--batch-size", type=_positive_int, default=512,
                      help="documents per tokenizer call (default: %(default)s)")
-    run.add_argument("--checkpoint-interval", type=float, default=pipeline.DEFAULT_CHECKPOINT_SECONDS,
+    run.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
                      metavar="SECONDS", help="save resumable progress this often (default: %(default)s)")
     run.add_argument("--no-fsync", action="store_true",
                      help="do not fsync at checkpoints (still safe against kill -9, not against power loss)")

@@ -23,9 +23,9 @@ import os
 import time
 
 from data_prep import demo_corpus, train_tokenizer
-from data_prep.pipeline import TokenizeOptions, output_is_complete, tokenize_corpus
-from data_prep.manifest import load_manifest, manifest_path as shard_manifest_path
+from data_prep.outputs.manifest import RunManifest, load_manifest, manifest_path as shard_manifest_path
 from data_prep.report import print_corpus_stats, print_run_summary, print_tokenizer_stats, say
+from data_prep.tokenization.run import TokenizeOptions, output_is_complete, tokenize_corpus
 from data_prep.tokenizer import SentencePieceTokenizer
 
 #: Names inside a prepare-demo directory. The shard prefixes follow megatron's
@@ -109,8 +109,8 @@ def prepare_demo(
             shard_manifest = tokenize_corpus([jsonl], tokenizer, full_prefix, TokenizeOptions(shard_bytes=None),
                                              overwrite=True, progress=progress)
         print_run_summary(full_prefix, shard_manifest)
-        totals = shard_manifest["totals"]
-        shard_stats[name] = {"prefix": full_prefix, "documents": totals["documents"], "tokens": totals["tokens"]}
+        totals = RunManifest.from_dict(shard_manifest).totals
+        shard_stats[name] = {"prefix": full_prefix, "documents": totals.documents, "tokens": totals.tokens}
 
     manifest = {
         "tokenizer": tok_prefix + ".model",

@@ -10,7 +10,7 @@ docstrings, under a permissive licence. We turn it into two Pile subsets:
   functions) extracted with ``ast`` -- prose-like text.
 
 Output is in the Pile's own format (zstd-compressed JSON lines), so the rest of
-the pipeline treats the demo exactly like the real dataset.
+data preparation treats the demo exactly like the real dataset.
 
 Determinism: module selection and the train/validation split depend only on
 the module's path relative to the stdlib and on ``seed`` (via SHA-256, not
@@ -28,7 +28,7 @@ import sysconfig
 from dataclasses import dataclass
 
 from data_prep.errors import DataError
-from data_prep.writer import JsonlZstWriter, pile_record
+from data_prep.outputs.jsonl_zst import JsonlZstWriter, pile_record
 
 CODE_SET = "StdlibCode"
 DOCS_SET = "StdlibDocs"

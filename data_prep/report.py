@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from data_prep.outputs.manifest import RunManifest
+
 
 def say(message: str) -> None:
     print(message, flush=True)
@@ -33,21 +35,22 @@ def print_tokenizer_stats(prefix: str, sidecar: dict) -> None:
 
 
 def print_run_summary(out: str, manifest: dict) -> None:
-    """What a tokenization run produced, and what to put in a training config."""
-    totals = manifest["totals"]
-    rate = totals["tokens"] / max(manifest["wall_seconds"], 1e-9)
-    say(f"{out}: {totals['documents']:,} documents, {totals['tokens']:,} tokens ({manifest['dtype']}) "
-        f"in {totals['shards']} shard(s), {rate:,.0f} tokens/s over {manifest['wall_seconds']:.1f} s")
-    for group in manifest["groups"]:
-        say(f"  {group['prefix']}: {group['documents']:,} documents, {group['tokens']:,} tokens, "
-            f"{len(group['shards'])} shard(s)")
-    skipped = manifest["skipped"]
+    """What a tokenization run produced (its run manifest), and what to put in a training config."""
+    run = RunManifest.from_dict(manifest)
+    totals = run.totals
+    rate = totals.tokens / max(run.wall_seconds, 1e-9)
+    say(f"{out}: {totals.documents:,} documents, {totals.tokens:,} tokens ({run.dtype}) "
+        f"in {totals.shards} shard(s), {rate:,.0f} tokens/s over {run.wall_seconds:.1f} s")
+    for group in run.groups:
+        say(f"  {group.prefix}: {group.documents:,} documents, {group.tokens:,} tokens, "
+            f"{len(group.shards)} shard(s)")
+    skipped = run.skipped
     if skipped["total"]:
         reasons = ", ".join(f"{k} {v:,}" for k, v in skipped["by_reason"].items())
         say(f"  skipped {skipped['total']:,} records: {reasons} (first locations in the manifest)")
-    for damaged in manifest["damaged_inputs"]:
+    for damaged in run.damaged_inputs:
         say(f"  damaged input {damaged['path']}: {damaged['error']}")
-    split_prefixes = manifest.get("split_prefixes") or {}
+    split_prefixes = run.split_prefixes or {}
     folder = os.path.dirname(out)
     if split_prefixes:
         names = ", ".join(f"{split}: {os.path.join(folder, p)}" for split, p in split_prefixes.items())

@@ -43,7 +43,7 @@ import time
 from typing import Iterator, Sequence
 
 from data_prep.errors import DataError
-from data_prep.reader import ReadStats, check_input_files, iter_documents
+from data_prep.inputs.document_reader import ReadStats, check_input_files, iter_documents
 from data_prep.tokenizer import file_sha256
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -29,13 +29,13 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from data_prep.errors import DataError
-from data_prep.manifest import resolve_data_prefix
+from data_prep.outputs.data_prefixes import resolve_data_prefix
 from pretrain.config import DataConfig
 
 
 def _token_count(prefix: str) -> Optional[int]:
     """Tokens in a plain megatron prefix (its .idx), or None if it cannot be read."""
-    from data_prep.shards import read_index
+    from data_prep.outputs.megatron_shards import read_index
 
     try:
         return int(read_index(prefix)[1].sum(dtype="int64"))

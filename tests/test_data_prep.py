@@ -18,8 +18,9 @@ import zstandard
 from data_prep import demo_corpus
 from data_prep.cli import main as data_main
 from data_prep.errors import DataError
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus
-from data_prep.reader import DocumentReader, ReadStats, SkipReason, iter_documents
+from data_prep.inputs.document_reader import DocumentReader, ReadStats, iter_documents
+from data_prep.inputs.skips import SkipReason
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus
 from data_prep.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from data_prep.train_tokenizer import (
     EOS_ID,

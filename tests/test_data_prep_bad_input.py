@@ -11,8 +11,8 @@ import pytest
 import zstandard
 
 from data_prep.errors import DataError
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus
-from data_prep.skips import MAX_EXAMPLES, SkipReason
+from data_prep.inputs.skips import MAX_EXAMPLES, SkipReason
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus
 from data_prep.tokenizer import load_tokenizer
 from tests.test_data_prep_common import filler_docs, read_documents, sentencepiece_model, write_zst
 

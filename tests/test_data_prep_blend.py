@@ -12,7 +12,7 @@ import random
 import pytest
 
 from data_prep.errors import DataError
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus
 from data_prep.tokenizer import load_tokenizer
 from tests.test_data_prep_common import sentencepiece_model, write_zst, write_jsonl
 

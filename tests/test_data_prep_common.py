@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy
 
-from data_prep.writer import JsonlZstWriter, pile_record
+from data_prep.outputs.jsonl_zst import JsonlZstWriter, pile_record
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,10 +13,11 @@ import pytest
 
 from data_prep.cli import main as data_main
 from data_prep.errors import DataError
-from data_prep.inputs import HFDatasetInput
-from data_prep.manifest import load_manifest, resolve_data_prefix
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus
-from data_prep.shards import index_bytes, token_dtype
+from data_prep.inputs.discovery import HFDatasetInput
+from data_prep.outputs.data_prefixes import resolve_data_prefix
+from data_prep.outputs.manifest import load_manifest
+from data_prep.outputs.megatron_shards import index_bytes, token_dtype
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus
 from data_prep.tokenizer import load_tokenizer
 from tests.test_data_prep_common import (
     TRICKY_DOCS,

@@ -1,7 +1,7 @@
 """Kill and resume: a run killed at any point and started again gives byte-identical output.
 
 Each test runs the real CLI in a subprocess. ``MESH_DATA_CRASH_AT`` (see
-data_prep/faults.py) makes the run SIGKILL itself at a chosen point, one test
+data_prep/tokenization/faults.py) makes the run SIGKILL itself at a chosen point, one test
 kills a live run from outside, one stops it with Ctrl-C. The rerun is always
 the same command, and its output is compared byte for byte with an
 uninterrupted run made in-process.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.manifest import load_manifest
-from data_prep.pipeline import TokenizeOptions, tokenize_corpus
+from data_prep.outputs.manifest import load_manifest
+from data_prep.tokenization.run import TokenizeOptions, tokenize_corpus
 from data_prep.tokenizer import load_tokenizer
 from tests.test_data_prep_common import (
     REPO,

@@ -9,8 +9,6 @@ A shard with prefix ``P`` is what megatron-core's ``IndexedDataset(P)`` reads:
   this format directly with numpy; ``tests`` check it byte for byte against
   megatron-core's own ``IndexedDatasetBuilder``.
 
-(Not named ``tokenize.py``: that would shadow the stdlib module of that name.)
-
 Crash safety. While a shard is being written its data lives in
 ``P.bin.partial`` and ``P.lens.partial`` (document lengths); names megatron
 never opens. Finalising writes ``P.idx.partial`` and then renames ``.bin``
@@ -25,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+
 import numpy
 
 from data_prep.errors import DataError
+from data_prep.outputs.manifest import ShardRecord
 
 #: megatron-core's index header and version (``indexed_dataset._INDEX_HEADER``).
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -37,8 +37,6 @@ DTYPE_CODES = {numpy.dtype(numpy.uint16): 8, numpy.dtype(numpy.int32): 4}
 #: Largest vocabulary stored as uint16. megatron-core's ``DType.optimal_dtype``
 #: switches to int32 at 65500 (not 65536); we follow it so its tools and ours agree.
 UINT16_VOCAB_LIMIT = 65500
-
-PARTIAL_SUFFIXES = (".bin.partial", ".lens.partial", ".idx.partial")
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -156,11 +154,7 @@ class OpenShard:
                 f.close()
         self._bin = self._lens = None
 
-    def state(self) -> dict:
-        """What a commit records about this shard (enough to ``restore`` it)."""
-        return {"prefix": self.prefix, "documents": self.documents, "tokens": self.tokens}
-
-    def finalize(self, durable: bool = True) -> dict:
+    def finalize(self, durable: bool = True) -> ShardRecord:
         """Write the index and move the shard under its final names; return its record."""
         self.sync(durable)
         self.close()
@@ -175,14 +169,14 @@ class OpenShard:
         # .bin first: a .bin without its .idx is not a dataset megatron would open.
         os.replace(self.paths["bin.partial"], self.paths["bin"])
         os.replace(self.paths["idx.partial"], self.paths["idx"])
-        return {
-            "prefix": os.path.basename(self.prefix),
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "bin_bytes": self.bin_bytes,
-            "bin_sha256": self._sha.hexdigest(),
-            "idx_sha256": hashlib.sha256(index).hexdigest(),
-        }
+        return ShardRecord(
+            prefix=os.path.basename(self.prefix),
+            documents=self.documents,
+            tokens=self.tokens,
+            bin_bytes=self.bin_bytes,
+            bin_sha256=self._sha.hexdigest(),
+            idx_sha256=hashlib.sha256(index).hexdigest(),
+        )
 
     def remove_lens(self) -> None:
         """Drop the lengths file of a finalized shard (once its finalization is committed)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from data_prep.skips import SkipReason
+from data_prep.inputs.skips import SkipReason
 
 #: Default bound on one document (its JSON line, or its text for columnar
 #: inputs). The Pile's largest documents are a few MB; 64 MiB keeps any

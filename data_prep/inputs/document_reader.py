@@ -1,7 +1,7 @@
 """Reading documents one by one, in a single process (tokenizer training, tests).
 
-The parallel tokenizer goes through ``plan`` / ``encode``; this is the same
-readers and the same record validation, consumed serially: every input format
+The parallel tokenizer goes through ``tokenization.plan`` / ``tokenization.encode``;
+this is the same chunk readers and the same record validation, consumed serially: every input format
 (JSON lines plain / .zst / .gz, parquet), files, directories or globs, bad
 records counted per reason, damaged compressed files read up to the damage.
 """
@@ -13,10 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
-from data_prep.inputs import InputFile, resolve_files
-from data_prep.readers import chunk_documents, open_reader
-from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
-from data_prep.skips import SkipLog, SkipReason  # noqa: F401  (SkipReason: re-exported for callers)
+from data_prep.inputs.chunk_readers import chunk_documents, open_reader
+from data_prep.inputs.discovery import InputFile, resolve_files
+from data_prep.inputs.records import DEFAULT_MAX_DOCUMENT_BYTES
+from data_prep.inputs.skips import SkipLog
 
 #: Chunking is irrelevant when reading serially; any size works.
 _CHUNK_BYTES = 1 << 20
@@ -36,14 +36,6 @@ class ReadStats:
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
-
-    def as_dict(self) -> dict:
-        return {
-            "documents": self.documents,
-            "text_bytes": self.text_bytes,
-            "skipped": dict(sorted(self.skipped.items())),
-            "damaged": self.damaged,
-        }
 
 
 def check_input_files(paths: Iterable[str | os.PathLike]) -> list[InputFile]:

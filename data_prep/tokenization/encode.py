@@ -1,6 +1,6 @@
 """The worker side: one chunk of raw records -> token arrays ready to append to shards.
 
-A worker parses and validates each record (``records``), decides its split,
+A worker parses and validates each record (``inputs.records``), decides its split,
 tokenizes the chunk's documents with the tokenizer's batch encoder, appends
 EOD to each, and returns numpy arrays per output group, so the parent only
 writes bytes. Each worker process loads the tokenizer once (``init_worker``).
@@ -23,10 +23,10 @@ from typing import Optional
 import numpy
 
 from data_prep.errors import DataError
-from data_prep.readers import Chunk, chunk_documents
-from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
-from data_prep.skips import SkipLog
-from data_prep.splits import TRAIN, SplitAssigner
+from data_prep.inputs.chunk_readers import Chunk, chunk_documents
+from data_prep.inputs.records import DEFAULT_MAX_DOCUMENT_BYTES
+from data_prep.inputs.skips import SkipLog
+from data_prep.tokenization.splits import TRAIN, SplitAssigner
 from data_prep.tokenizer import Tokenizer
 
 

@@ -1,8 +1,8 @@
 """Writing Pile-style zstd-compressed JSON-lines files, atomically.
 
-The counterpart of ``reader.py``. A file is written under a temporary name and
-renamed into place only when complete, so a crash or Ctrl-C never leaves a
-truncated ``.jsonl.zst`` that looks finished.
+The counterpart of ``inputs.chunk_readers``. A file is written under a
+temporary name and renamed into place only when complete, so a crash or Ctrl-C
+never leaves a truncated ``.jsonl.zst`` that looks finished.
 """
 
 from __future__ import annotations

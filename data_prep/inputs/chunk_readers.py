@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 from data_prep.errors import DataError
-from data_prep.inputs import HFDatasetInput, InputFile
-from data_prep.records import check_row_text, get_field, parse_json_line
-from data_prep.skips import SkipLog, SkipReason
+from data_prep.inputs.discovery import HFDatasetInput, InputFile
+from data_prep.inputs.records import check_row_text, get_field, parse_json_line
+from data_prep.inputs.skips import SkipLog, SkipReason
 from data_prep.tokenizer import file_sha256
 
 #: Decompressed bytes asked for per read.

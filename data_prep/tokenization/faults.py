@@ -4,7 +4,7 @@
   it kills itself with SIGKILL, as ``kill -9`` would. Points, in the order a
   run passes them: ``appended`` (a chunk written, not yet committed),
   ``finalized`` (a shard renamed into place, not yet committed), ``committed``
-  (progress file just written), ``manifests`` (group manifests written, run
+  (progress file just written), ``manifests`` (part manifests written, run
   manifest not yet).
 * ``MESH_DATA_CHUNK_DELAY=<seconds>``: sleep after writing each chunk, so a
   test can kill a real run from outside while it is mid-way.

@@ -2,9 +2,10 @@
 
 Chunk ``i`` is the same records in every run with the same inputs and
 options: inputs are read in their (sorted) order and each is cut into chunks
-by content (see ``readers``). Workers may finish chunks in any order; the
-writer applies them in plan order, so shard contents and boundaries are a
-function of the plan alone, not of ``--workers``, timing, or interruptions.
+by content (see ``inputs.chunk_readers``). Workers may finish chunks in any
+order; the writer applies them in plan order, so shard contents and boundaries
+are a function of the plan alone, not of ``--workers``, timing, or
+interruptions.
 
 The plan is not materialised up front (a zstd file's chunk count is unknown
 until it is read); it is a generator that can start at any chunk: inputs
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
-from data_prep.readers import Chunk, open_reader
+from data_prep.inputs.chunk_readers import Chunk, open_reader
 
 
 @dataclass

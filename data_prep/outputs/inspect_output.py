@@ -17,8 +17,9 @@ from typing import Optional
 import numpy
 
 from data_prep.errors import DataError
-from data_prep.manifest import find_manifest, load_manifest, manifest_shards
-from data_prep.shards import read_index
+from data_prep.outputs.data_prefixes import find_manifest, manifest_shards
+from data_prep.outputs.manifest import Manifest, RunManifest, load_manifest, manifest_from_dict
+from data_prep.outputs.megatron_shards import read_index
 from data_prep.tokenizer import Tokenizer, file_sha256, load_tokenizer
 
 
@@ -32,45 +33,45 @@ def _human_bytes(n: Optional[int]) -> str:
     return str(n)
 
 
-def summary_lines(manifest: dict) -> list[str]:
+def summary_lines(manifest: Manifest) -> list[str]:
     """The manifest as lines of text, most useful first."""
     lines = []
-    totals = manifest.get("totals") or {"documents": manifest.get("documents"), "tokens": manifest.get("tokens")}
-    tok = manifest["tokenizer"]
-    lines.append(f"{manifest.get('kind', 'run')} manifest for {manifest['prefix']}: "
-                 f"{totals['documents']:,} documents, {totals['tokens']:,} tokens ({manifest['dtype']})")
-    lines.append(f"tokenizer      {tok['name']} vocab_size {tok['vocab_size']} eod {tok['eod']} pad {tok['pad']} "
-                 f"({tok.get('path')})")
-    if manifest.get("kind") == "part":
-        lines.append(f"part of        {manifest['run_manifest']}")
+    run = manifest if isinstance(manifest, RunManifest) else None
+    documents, tokens = (run.totals.documents, run.totals.tokens) if run else (manifest.documents, manifest.tokens)
+    tok = manifest.tokenizer
+    lines.append(f"{manifest.kind} manifest for {manifest.prefix}: "
+                 f"{documents:,} documents, {tokens:,} tokens ({manifest.dtype})")
+    lines.append(f"tokenizer      {tok.name} vocab_size {tok.vocab_size} eod {tok.eod} pad {tok.pad} "
+                 f"({tok.path})")
+    if run is None:
+        lines.append(f"part of        {manifest.run_manifest}")
     else:
-        tool = manifest["tool"]
-        lines.append(f"made by        {tool['name']} {tool.get('version')} on {manifest['created']}, "
-                     f"wall time {manifest['wall_seconds']:.1f} s in {len(manifest['sessions'])} session(s)")
-        if manifest.get("command"):
-            lines.append(f"command        {' '.join(manifest['command'])}")
-        opts = manifest["options"]
-        lines.append("options        " + ", ".join(f"{k}={v}" for k, v in opts.items()))
-        lines.append(f"inputs         {len(manifest['inputs'])} ({_human_bytes(totals.get('input_bytes'))}), "
-                     f"{totals['records']:,} records, {totals['skipped']:,} skipped")
-        for item in manifest["inputs"][:20]:
-            sha = (item.get("sha256") or "-")[:16]
-            split = f" [{item['split']}]" if item.get("split") else ""
-            damaged = "  DAMAGED" if item.get("damaged") else ""
-            lines.append(f"  {item['path']}{split}: {_human_bytes(item.get('size'))} sha256 {sha}.. "
-                         f"{item['documents']:,} docs, {item['skipped']:,} skipped{damaged}")
-        if len(manifest["inputs"]) > 20:
-            lines.append(f"  ... and {len(manifest['inputs']) - 20} more (see --json)")
+        tool, totals = run.tool, run.totals
+        lines.append(f"made by        {tool.name} {tool.version} on {run.created}, "
+                     f"wall time {run.wall_seconds:.1f} s in {len(run.sessions)} session(s)")
+        if run.command:
+            lines.append(f"command        {' '.join(run.command)}")
+        lines.append("options        " + ", ".join(f"{k}={v}" for k, v in run.options.items()))
+        lines.append(f"inputs         {len(run.inputs)} ({_human_bytes(totals.input_bytes)}), "
+                     f"{totals.records:,} records, {totals.skipped:,} skipped")
+        for item in run.inputs[:20]:
+            sha = (item.sha256 or "-")[:16]
+            split = f" [{item.split}]" if item.split else ""
+            damaged = "  DAMAGED" if item.damaged else ""
+            lines.append(f"  {item.path}{split}: {_human_bytes(item.size)} sha256 {sha}.. "
+                         f"{item.documents:,} docs, {item.skipped:,} skipped{damaged}")
+        if len(run.inputs) > 20:
+            lines.append(f"  ... and {len(run.inputs) - 20} more (see --json)")
     lines.append("groups")
-    for group in manifest["groups"]:
-        lines.append(f"  {group['prefix']}: {group['documents']:,} docs, {group['tokens']:,} tokens, "
-                     f"{len(group['shards'])} shard(s)")
-    if manifest.get("subsets"):
+    for group in manifest.groups:
+        lines.append(f"  {group.prefix}: {group.documents:,} docs, {group.tokens:,} tokens, "
+                     f"{len(group.shards)} shard(s)")
+    if run and run.subsets:
         lines.append("subsets (split, set: documents, tokens)")
-        for row in manifest["subsets"]:
-            split = f"{row['split']}, " if row["split"] else ""
-            lines.append(f"  {split}{row['set']}: {row['documents']:,}, {row['tokens']:,}")
-    skipped = manifest.get("skipped")
+        for row in run.subsets:
+            split = f"{row.split}, " if row.split else ""
+            lines.append(f"  {split}{row.subset}: {row.documents:,}, {row.tokens:,}")
+    skipped = run.skipped if run else None
     if skipped and skipped["total"]:
         lines.append(f"skipped records: {skipped['total']:,}")
         for reason, count in skipped["by_reason"].items():
@@ -78,7 +79,7 @@ def summary_lines(manifest: dict) -> list[str]:
             for example in skipped["examples"].get(reason, []):
                 detail = f" ({example['detail']})" if example["detail"] else ""
                 lines.append(f"    {example['file']} {example['at']}{detail}")
-    for damaged in manifest.get("damaged_inputs", []):
+    for damaged in (run.damaged_inputs if run else []):
         lines.append(f"damaged input: {damaged['path']}: {damaged['error']}")
     return lines
 
@@ -90,15 +91,15 @@ def shard_document(prefix: str, dtype: numpy.dtype, lengths: numpy.ndarray, inde
     return numpy.array(data[offset: offset + int(lengths[index])])
 
 
-def _tokenizer_for(manifest: dict, override: Optional[str]) -> Tokenizer:
-    recorded = manifest["tokenizer"]
-    path = override or recorded.get("path")
+def _tokenizer_for(manifest: Manifest, override: Optional[str]) -> Tokenizer:
+    recorded = manifest.tokenizer
+    path = override or recorded.path
     if not path or not os.path.isfile(path):
         raise DataError(f"the tokenizer {path!r} recorded in the manifest is not here; pass --tokenizer PATH")
-    if file_sha256(path) != recorded["sha256"]:
+    if file_sha256(path) != recorded.sha256:
         raise DataError(f"tokenizer {path!r} is not the one these shards were made with "
-                        f"(sha256 {recorded['sha256'][:12]}); pass the right --tokenizer")
-    return load_tokenizer(path, eod_token=recorded.get("eod_token") or "<|endoftext|>")
+                        f"(sha256 {recorded.sha256[:12]}); pass the right --tokenizer")
+    return load_tokenizer(path, eod_token=recorded.extra.get("eod_token") or "<|endoftext|>")
 
 
 def inspect_prefix(prefix: str, samples: int = 3, seed: int = 0, tokenizer_path: Optional[str] = None,
@@ -106,7 +107,8 @@ def inspect_prefix(prefix: str, samples: int = 3, seed: int = 0, tokenizer_path:
                    max_chars: int = 500) -> list[str]:
     """Lines to print for ``mesh data inspect``. Raises DataError for an unknown prefix."""
     path = find_manifest(prefix)
-    manifest = load_manifest(path) if path else None
+    raw = load_manifest(path) if path else None  # printed verbatim with --json
+    manifest = manifest_from_dict(raw) if raw is not None else None
     if manifest is None:
         if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
             raise DataError(f"{prefix!r} has neither a manifest ({prefix}.manifest.json) nor {prefix}.bin/.idx")
@@ -116,18 +118,17 @@ def inspect_prefix(prefix: str, samples: int = 3, seed: int = 0, tokenizer_path:
 
     if list_prefixes:
         return [p for p, _ in shards]
-    lines = [json.dumps(manifest, indent=1)] if (as_json and manifest) else (summary_lines(manifest) if manifest else [])
+    lines = [json.dumps(raw, indent=1)] if (as_json and manifest) else (summary_lines(manifest) if manifest else [])
 
     if verify:
         if manifest is None:
             raise DataError("--verify needs a manifest (it holds the checksums)")
-        records = {os.path.join(os.path.dirname(path), s["prefix"]): s
-                   for g in manifest["groups"] for s in g["shards"]}
+        records = {os.path.join(os.path.dirname(path), s.prefix): s for g in manifest.groups for s in g.shards}
         bad = []
         for shard_prefix, record in records.items():
             for kind in ("bin", "idx"):
                 file = f"{shard_prefix}.{kind}"
-                if not os.path.isfile(file) or file_sha256(file) != record[f"{kind}_sha256"]:
+                if not os.path.isfile(file) or file_sha256(file) != getattr(record, f"{kind}_sha256"):
                     bad.append(file)
         if bad:
             raise DataError(f"{len(bad)} shard file(s) missing or changed since the manifest was written: {', '.join(bad[:5])}")

@@ -38,27 +38,44 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy
 
-from data_prep import faults
-from data_prep.encode import ChunkEncoder, EncodedChunk, EncodeOptions, encode_in_worker, init_worker
 from data_prep.errors import DataError
-from data_prep.groups import UNLABELLED_LABEL, GroupTable
-from data_prep.inputs import HFDatasetInput, check_distinct, check_hf_dataset, resolve_files, select_for_node
-from data_prep.journal import commit_progress, load_progress, progress_path, remove_progress
-from data_prep.manifest import (
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    load_manifest,
+from data_prep.inputs.chunk_readers import open_hf_dataset
+from data_prep.inputs.discovery import HFDatasetInput, check_distinct, check_hf_dataset, resolve_files, select_for_node
+from data_prep.inputs.records import DEFAULT_MAX_DOCUMENT_BYTES
+from data_prep.inputs.skips import SkipLog
+from data_prep.outputs.groups import UNLABELLED_LABEL, GroupTable
+from data_prep.outputs.manifest import (
+    GroupRecord,
+    InputRecord,
+    PartManifest,
+    RunManifest,
+    Session,
+    ShardRecord,
+    SubsetRecord,
+    TokenizerRecord,
+    ToolVersions,
+    Totals,
     manifest_path,
     output_files,
+    read_manifest,
     write_manifest,
 )
-from data_prep.plan import InputEnd, ResumePoint, iter_plan
-from data_prep.progress import TokenizeProgress
-from data_prep.readers import open_hf_dataset
-from data_prep.records import DEFAULT_MAX_DOCUMENT_BYTES
-from data_prep.shards import OpenShard, remove_shard_files, token_dtype
-from data_prep.skips import SkipLog
-from data_prep.splits import SPLITS, TEST, VAL
+from data_prep.outputs.megatron_shards import OpenShard, remove_shard_files, token_dtype
+from data_prep.tokenization import faults
+from data_prep.tokenization.encode import ChunkEncoder, EncodedChunk, EncodeOptions, encode_in_worker, init_worker
+from data_prep.tokenization.plan import InputEnd, ResumePoint, iter_plan
+from data_prep.tokenization.progress_bar import TokenizeProgress
+from data_prep.tokenization.progress_file import (
+    FinishedInput,
+    GroupState,
+    OpenShardState,
+    ProgressState,
+    commit_progress,
+    load_progress,
+    progress_path,
+    remove_progress,
+)
+from data_prep.tokenization.splits import SPLITS, TEST, VAL
 from data_prep.tokenizer import Tokenizer
 
 MiB = 1 << 20
@@ -162,22 +179,23 @@ def _fingerprint(inputs: list, tokenizer: Tokenizer, options: TokenizeOptions, s
 
 
 def _legacy_files(out: str) -> list[str]:
-    # What the first version of `mesh data tokenize` wrote at a prefix.
+    # What the first version of `mesh data tokenize` wrote at a prefix (P.bin, P.idx and a
+    # P.json sidecar; data_prep/shards.py from 65f14e2 until 7af4e41): refused like other output.
     return [out + ".bin", out + ".idx", out + ".json"]
 
 
-def _progress_files(out: str, state: dict) -> list[str]:
+def _progress_files(out: str, state: ProgressState) -> list[str]:
     """Files an unfinished run (described by its progress file) may have written."""
     files = [progress_path(out)]
     folder = os.path.dirname(out)
-    for group in state.get("groups", {}).values():
-        for shard in group["shards"]:
-            base = os.path.join(folder, shard["prefix"])
+    for group in state.groups.values():
+        for shard in group.shards:
+            base = os.path.join(folder, shard.prefix)
             files += [base + suffix for suffix in (".bin", ".idx", ".lens.partial")]
-        open_prefix = os.path.join(folder, group["open"]["prefix"])
+        open_prefix = os.path.join(folder, group.open.prefix)
         files += [open_prefix + s for s in (".bin", ".idx", ".bin.partial", ".lens.partial", ".idx.partial")]
-        files.append(manifest_path(os.path.join(folder, group["prefix"])))
-    for prefix in state.get("split_prefixes", {}).values():
+        files.append(manifest_path(os.path.join(folder, group.prefix)))
+    for prefix in state.split_prefixes.values():
         files.append(manifest_path(os.path.join(folder, prefix)))
     return files
 
@@ -197,7 +215,7 @@ def _planned_group_prefixes(out: str, splitting: bool, shard_bytes: Optional[int
 
 
 def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
-                  shard_bytes: Optional[int]) -> tuple[str, Optional[dict]]:
+                  shard_bytes: Optional[int]) -> tuple[str, Union[ProgressState, RunManifest, None]]:
     """Decide what to do with the output prefix: ("fresh" | "resume" | "complete", state).
 
     Never deletes anything unless ``overwrite``.
@@ -207,7 +225,7 @@ def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
     if state is not None:
         if overwrite:
             _remove_files(_progress_files(out, state))
-        elif state["fingerprint"] == fingerprint:
+        elif state.fingerprint == fingerprint:
             return "resume", state
         else:
             raise DataError(
@@ -215,10 +233,10 @@ def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
                 "that run's exact command to finish it, or pass --overwrite to discard it"
             )
     if os.path.exists(run_manifest):
-        manifest = load_manifest(run_manifest)
+        manifest = read_manifest(run_manifest)
         if overwrite:
             _remove_files(output_files(run_manifest, manifest))
-        elif manifest.get("fingerprint") == fingerprint and manifest.get("complete"):
+        elif isinstance(manifest, RunManifest) and manifest.fingerprint == fingerprint and manifest.complete:
             missing = [p for p in output_files(run_manifest, manifest) if not os.path.isfile(p)]
             if missing:
                 raise DataError(
@@ -252,21 +270,21 @@ def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
 # --------------------------------------------------------------------------
 
 
+@dataclass
 class _Group:
-    def __init__(self, name: str, prefix: str, split: Optional[str], subset: Optional[str],
-                 shards: list, open_shard: OpenShard) -> None:
-        self.name = name
-        self.prefix = prefix
-        self.split = split
-        self.subset = subset
-        self.shards = shards
-        self.open = open_shard
+    """One output group while the run writes it (full paths; ``state`` is what a commit records)."""
 
-    def state(self) -> dict:
+    name: str
+    prefix: str
+    split: Optional[str]
+    subset: Optional[str]
+    shards: list[ShardRecord]
+    open: OpenShard
+
+    def state(self) -> GroupState:
         # Names relative to the output folder: a run may resume from another working directory.
-        open_state = dict(self.open.state(), prefix=os.path.basename(self.open.prefix))
-        return {"prefix": os.path.basename(self.prefix), "split": self.split, "set": self.subset,
-                "shards": self.shards, "open": open_state}
+        open_state = OpenShardState(os.path.basename(self.open.prefix), self.open.documents, self.open.tokens)
+        return GroupState(os.path.basename(self.prefix), self.split, self.subset, self.shards, open_state)
 
 
 class _Run:
@@ -285,13 +303,13 @@ class _Run:
         self.show_progress = progress
         self.dtype = numpy.dtype(token_dtype(tokenizer.vocab_size))
         self.next_chunk = 0
-        self.finished_inputs: dict[int, dict] = {}
+        self.finished_inputs: dict[int, FinishedInput] = {}
         self.input_counts: dict[int, list] = {}  # index -> [records, documents, tokens]
         self.groups: dict[str, _Group] = {}
         self.skips = SkipLog()
         self.counts: dict[tuple, list] = {}  # (split, subset label) -> [documents, tokens, text bytes]
         self.table = GroupTable(out, options.split_by_set, options.max_sets)
-        self.sessions: list[dict] = []
+        self.sessions: list[Session] = []
         self.phase = "running"
         self._last_commit = time.monotonic()
         self._stop_signal: Optional[int] = None
@@ -311,46 +329,46 @@ class _Run:
         return _Group(name, prefix, split, subset, [], OpenShard(self._shard_prefix(prefix, 0), self.dtype))
 
     # ----- commit / resume --------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint,
-            "phase": self.phase,
-            "next_chunk": self.next_chunk,
-            "finished_inputs": {str(k): v for k, v in self.finished_inputs.items()},
-            "input_counts": {str(k): v for k, v in self.input_counts.items()},
-            "groups": {name: g.state() for name, g in self.groups.items()},
-            "split_prefixes": self._split_prefixes(),
-            "skips": self.skips.as_dict(),
-            "counts": [[k[0], k[1], *v] for k, v in self.counts.items()],
-            "table": self.table.state(),
-            "sessions": self.sessions,
-        }
+    def state(self) -> ProgressState:
+        return ProgressState(
+            fingerprint=self.fingerprint,
+            phase=self.phase,
+            next_chunk=self.next_chunk,
+            finished_inputs=self.finished_inputs,
+            input_counts=self.input_counts,
+            groups={name: g.state() for name, g in self.groups.items()},
+            split_prefixes=self._split_prefixes(),
+            skips=self.skips.as_dict(),
+            counts=[[k[0], k[1], *v] for k, v in self.counts.items()],
+            table=self.table.state(),
+            sessions=self.sessions,
+        )
 
     def commit(self) -> None:
         faults.crash_point("commit")
         for group in self.groups.values():
             group.open.sync(self.options.durable)
-        self.sessions[-1]["seconds"] = round(time.time() - self._session_started, 3)
+        self.sessions[-1].seconds = round(time.time() - self._session_started, 3)
         commit_progress(self.out, self.state(), self.options.durable)
         self._last_commit = time.monotonic()
         faults.crash_point("committed")
 
-    def restore(self, state: dict) -> None:
-        self.phase = state["phase"]
-        self.next_chunk = state["next_chunk"]
-        self.finished_inputs = {int(k): v for k, v in state["finished_inputs"].items()}
-        self.input_counts = {int(k): v for k, v in state["input_counts"].items()}
-        self.skips = SkipLog.from_dict(state["skips"])
-        self.counts = {(row[0], row[1]): row[2:] for row in state["counts"]}
-        self.table = GroupTable(self.out, self.options.split_by_set, self.options.max_sets, state["table"])
-        self.sessions = state["sessions"]
-        for name, g in state["groups"].items():
-            for shard in g["shards"]:  # finalized and committed: its lengths file is no longer needed
-                OpenShard(os.path.join(self.folder, shard["prefix"]), self.dtype).remove_lens()
-            o = g["open"]
-            shard = OpenShard.restore(os.path.join(self.folder, o["prefix"]), self.dtype, o["documents"], o["tokens"])
-            prefix = os.path.join(self.folder, g["prefix"])
-            self.groups[name] = _Group(name, prefix, g["split"], g["set"], list(g["shards"]), shard)
+    def restore(self, state: ProgressState) -> None:
+        self.phase = state.phase
+        self.next_chunk = state.next_chunk
+        self.finished_inputs = state.finished_inputs
+        self.input_counts = state.input_counts
+        self.skips = SkipLog.from_dict(state.skips)
+        self.counts = {(row[0], row[1]): row[2:] for row in state.counts}
+        self.table = GroupTable(self.out, self.options.split_by_set, self.options.max_sets, state.table)
+        self.sessions = state.sessions
+        for name, g in state.groups.items():
+            for shard in g.shards:  # finalized and committed: its lengths file is no longer needed
+                OpenShard(os.path.join(self.folder, shard.prefix), self.dtype).remove_lens()
+            o = g.open
+            shard = OpenShard.restore(os.path.join(self.folder, o.prefix), self.dtype, o.documents, o.tokens)
+            prefix = os.path.join(self.folder, g.prefix)
+            self.groups[name] = _Group(name, prefix, g.split, g.subset, list(g.shards), shard)
 
     # ----- applying results in plan order ---------------------------------
     def _log_skip(self, reason: str, example: dict) -> None:
@@ -410,12 +428,11 @@ class _Run:
         faults.crash_point("appended")
 
     def finish_input(self, end: InputEnd) -> None:
-        summary = dict(end.summary)
-        summary["chunks"] = end.chunks
+        summary = FinishedInput(end.summary["records"], end.summary["damaged"], end.summary["sha256"], end.chunks)
         self.finished_inputs[end.input_index] = summary
-        if summary.get("damaged"):
-            self._warn(f"damaged input {self.inputs[end.input_index].label}: {summary['damaged']['error']}; "
-                       f"kept the {summary['records']:,} records before the damage")
+        if summary.damaged:
+            self._warn(f"damaged input {self.inputs[end.input_index].label}: {summary.damaged['error']}; "
+                       f"kept the {summary.records:,} records before the damage")
 
     def maybe_commit(self) -> None:
         if time.monotonic() - self._last_commit >= self.options.checkpoint_seconds:
@@ -462,16 +479,16 @@ class _Run:
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
-    def run(self, resume_state: Optional[dict]) -> dict:
+    def run(self, resume_state: Optional[ProgressState]) -> RunManifest:
         self._session_started = time.time()
         resumed_at = None
         if resume_state is not None:
             self.restore(resume_state)
             resumed_at = self.next_chunk
-        self.sessions.append({
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": 0.0, "workers": self.options.workers, "resumed_at_chunk": resumed_at,
-        })
+        self.sessions.append(Session(
+            started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            seconds=0.0, workers=self.options.workers, resumed_at_chunk=resumed_at,
+        ))
         if self.phase == "running":
             self._process()
         return self._complete()
@@ -483,7 +500,7 @@ class _Run:
         plan = iter_plan(
             self.inputs, chunk_bytes=self.options.chunk_bytes, max_record_bytes=self.options.max_document_bytes,
             text_key=self.options.text_key, set_key=self.options.set_key,
-            start=ResumePoint(self.next_chunk, {i: v["chunks"] for i, v in self.finished_inputs.items()}),
+            start=ResumePoint(self.next_chunk, {i: v.chunks for i, v in self.finished_inputs.items()}),
         )
         handlers = {}
         try:
@@ -537,7 +554,7 @@ class _Run:
             group.open.close()
         remove_progress(self.out)
         skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skips.counts.items())) or "no records at all"
-        damaged = [self.inputs[i].label for i, s in self.finished_inputs.items() if s.get("damaged")]
+        damaged = [self.inputs[i].label for i, s in self.finished_inputs.items() if s.damaged]
         hint = f"; damaged inputs: {', '.join(damaged)}" if damaged else ""
         raise DataError(f"no usable documents in the inputs (skipped: {skipped}{hint}); check --text-key and the files")
 
@@ -548,107 +565,102 @@ class _Run:
         splits = sorted({g.split for g in self.groups.values() if g.split}, key=SPLITS.index)
         return {s: os.path.basename(f"{self.out}_{s}") for s in splits}
 
-    def _group_record(self, group: _Group) -> dict:
-        return {
-            "name": group.name,
-            "split": group.split,
-            "set": group.subset,
-            "prefix": os.path.basename(group.prefix),
-            "documents": sum(s["documents"] for s in group.shards),
-            "tokens": sum(s["tokens"] for s in group.shards),
-            "shards": group.shards,
-        }
+    def _group_record(self, group: _Group) -> GroupRecord:
+        return GroupRecord(
+            name=group.name,
+            split=group.split,
+            subset=group.subset,
+            prefix=os.path.basename(group.prefix),
+            documents=sum(s.documents for s in group.shards),
+            tokens=sum(s.tokens for s in group.shards),
+            shards=group.shards,
+        )
 
-    def _complete(self) -> dict:
+    def _input_record(self, index: int) -> InputRecord:
+        item = self.inputs[index]
+        summary = self.finished_inputs[index]
+        _records, documents, tokens = self.input_counts.get(index, [0, 0, 0])
+        return InputRecord(
+            path=item.label, format=getattr(item, "format", "hf-dataset"), split=item.split,
+            size=getattr(item, "size", None), sha256=summary.sha256, records=summary.records, documents=documents,
+            tokens=tokens, skipped=summary.records - documents, chunks=summary.chunks, damaged=summary.damaged,
+            hf=item.identity() if isinstance(item, HFDatasetInput) else None,
+        )
+
+    def _complete(self) -> RunManifest:
         groups = [self._group_record(g) for g in self.groups.values()]
-        groups.sort(key=lambda g: (SPLITS.index(g["split"]) if g["split"] else -1, g["name"]))
+        groups.sort(key=lambda g: (SPLITS.index(g.split) if g.split else -1, g.name))
         tool = _tool_versions()
-        tokenizer = dict(self.tokenizer.describe(), path=os.path.abspath(self.tokenizer.path), dtype=self.dtype.name)
+        tokenizer = TokenizerRecord.from_dict(
+            dict(self.tokenizer.describe(), path=os.path.abspath(self.tokenizer.path), dtype=self.dtype.name))
         run_name = os.path.basename(self.out)
 
         # Part manifests: one per group prefix and, with subsets, one per split.
-        parts: dict[str, list] = {}
+        parts: dict[str, list[GroupRecord]] = {}
         for g in groups:
-            if g["prefix"] != run_name:
-                parts.setdefault(g["prefix"], []).append(g)
+            if g.prefix != run_name:
+                parts.setdefault(g.prefix, []).append(g)
             if self.splitting and self.options.split_by_set:
-                parts.setdefault(os.path.basename(f"{self.out}_{g['split']}"), []).append(g)
+                parts.setdefault(os.path.basename(f"{self.out}_{g.split}"), []).append(g)
         for prefix, members in parts.items():
-            write_manifest(os.path.join(self.folder, prefix + ".manifest.json"), {
-                "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": "part", "complete": True,
-                "run_manifest": run_name + ".manifest.json", "prefix": prefix, "tool": tool,
-                "tokenizer": tokenizer, "dtype": self.dtype.name,
-                "documents": sum(g["documents"] for g in members), "tokens": sum(g["tokens"] for g in members),
-                "groups": members,
-            })
+            write_manifest(manifest_path(os.path.join(self.folder, prefix)), PartManifest(
+                run_manifest=manifest_path(run_name), prefix=prefix, tool=tool, tokenizer=tokenizer,
+                dtype=self.dtype.name, documents=sum(g.documents for g in members),
+                tokens=sum(g.tokens for g in members), groups=members,
+            ))
         faults.crash_point("manifests")
 
-        inputs = []
-        for i, item in enumerate(self.inputs):
-            summary = self.finished_inputs[i]
-            records, documents, tokens = self.input_counts.get(i, [0, 0, 0])
-            entry = {"path": item.label, "format": getattr(item, "format", "hf-dataset"),
-                     "split": item.split, "size": getattr(item, "size", None),
-                     "sha256": summary.get("sha256"), "records": summary["records"], "documents": documents,
-                     "tokens": tokens, "skipped": summary["records"] - documents, "chunks": summary["chunks"],
-                     "damaged": summary.get("damaged")}
-            if isinstance(item, HFDatasetInput):
-                entry["hf"] = item.identity()
-            inputs.append(entry)
-        subsets = [{"split": k[0], "set": k[1], "documents": v[0], "tokens": v[1], "text_bytes": v[2]}
+        inputs = [self._input_record(i) for i in range(len(self.inputs))]
+        subsets = [SubsetRecord(split=k[0], subset=k[1], documents=v[0], tokens=v[1], text_bytes=v[2])
                    for k, v in sorted(self.counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
         ended = datetime.datetime.now(datetime.timezone.utc)
-        self.sessions[-1]["seconds"] = round(time.time() - self._session_started, 3)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "kind": "run",
-            "complete": True,
-            "prefix": run_name,
-            "tool": tool,
-            "created": ended.isoformat(timespec="seconds"),
-            "wall_seconds": round(sum(s["seconds"] for s in self.sessions), 3),
-            "sessions": self.sessions,
-            "command": self.command,
-            "options": dict(asdict(self.options), splitting=self.splitting),
-            "tokenizer": tokenizer,
-            "dtype": self.dtype.name,
-            "totals": {
-                "records": sum(i["records"] for i in inputs),
-                "documents": sum(g["documents"] for g in groups),
-                "tokens": sum(g["tokens"] for g in groups),
-                "text_bytes": sum(s["text_bytes"] for s in subsets),
-                "skipped": self.skips.total,
-                "input_bytes": sum(i["size"] or 0 for i in inputs),
-                "shards": sum(len(g["shards"]) for g in groups),
-            },
-            "split_prefixes": self._split_prefixes(),
-            "groups": groups,
-            "subsets": subsets,
-            "sets_merged_into_other": self.table.merged,
-            "skipped": self.skips.as_dict(),
-            "damaged_inputs": [dict(path=i["path"], **i["damaged"]) for i in inputs if i["damaged"]],
-            "inputs": inputs,
-            "part_manifests": sorted(p + ".manifest.json" for p in parts),
-            "fingerprint": self.fingerprint,
-        }
+        self.sessions[-1].seconds = round(time.time() - self._session_started, 3)
+        manifest = RunManifest(
+            prefix=run_name,
+            tool=tool,
+            created=ended.isoformat(timespec="seconds"),
+            wall_seconds=round(sum(s.seconds for s in self.sessions), 3),
+            sessions=self.sessions,
+            command=self.command,
+            options=dict(asdict(self.options), splitting=self.splitting),
+            tokenizer=tokenizer,
+            dtype=self.dtype.name,
+            totals=Totals(
+                records=sum(i.records for i in inputs),
+                documents=sum(g.documents for g in groups),
+                tokens=sum(g.tokens for g in groups),
+                text_bytes=sum(s.text_bytes for s in subsets),
+                skipped=self.skips.total,
+                input_bytes=sum(i.size or 0 for i in inputs),
+                shards=sum(len(g.shards) for g in groups),
+            ),
+            split_prefixes=self._split_prefixes(),
+            groups=groups,
+            subsets=subsets,
+            sets_merged_into_other=self.table.merged,
+            skipped=self.skips.as_dict(),
+            damaged_inputs=[dict(path=i.path, **i.damaged) for i in inputs if i.damaged],
+            inputs=inputs,
+            part_manifests=sorted(manifest_path(p) for p in parts),
+            fingerprint=self.fingerprint,
+        )
         write_manifest(manifest_path(self.out), manifest)
         remove_progress(self.out)
         return manifest
 
 
-def _tool_versions() -> dict:
+def _tool_versions() -> ToolVersions:
     from importlib import metadata
 
-    versions = {"name": "mesh-pretrain data_prep"}
-    for dist, key in (("mesh-pretrain", "version"), ("sentencepiece", "sentencepiece"),
-                      ("tokenizers", "tokenizers"), ("megatron-core", "megatron_core")):
+    def version(dist: str) -> Optional[str]:
         try:
-            versions[key] = metadata.version(dist)
+            return metadata.version(dist)
         except metadata.PackageNotFoundError:
-            versions[key] = None
-    versions["python"] = sys.version.split()[0]
-    return versions
+            return None
+
+    return ToolVersions(name="mesh-pretrain data_prep", version=version("mesh-pretrain"),
+                        sentencepiece=version("sentencepiece"), tokenizers=version("tokenizers"),
+                        megatron_core=version("megatron-core"), python=sys.version.split()[0])
 
 
 def tokenize_corpus(
@@ -693,9 +705,9 @@ def tokenize_corpus(
         action, state = _check_output(out, fingerprint, overwrite, splitting, options.shard_bytes)
         if action == "complete":
             print(f"{out}: already complete with these inputs and options; nothing to do", file=sys.stderr)
-            return state
+            return state.to_dict()
         run = _Run(out, resolved, tokenizer, options, splitting, fingerprint, command, progress)
-        return run.run(state if action == "resume" else None)
+        return run.run(state if action == "resume" else None).to_dict()
 
 
 class _RunLock:
@@ -736,11 +748,11 @@ def output_is_complete(out: str, tokenizer: Optional[Tokenizer] = None) -> bool:
     if not os.path.isfile(path) or os.path.exists(progress_path(os.fspath(out))):
         return False
     try:
-        manifest = load_manifest(path)
+        manifest = read_manifest(path)
     except DataError:
         return False
-    if not manifest.get("complete"):
+    if not manifest.complete:
         return False
-    if tokenizer is not None and manifest["tokenizer"]["sha256"] != tokenizer.sha256:
+    if tokenizer is not None and manifest.tokenizer.sha256 != tokenizer.sha256:
         return False
     return all(os.path.isfile(p) for p in output_files(path, manifest))
