@@ -5,7 +5,8 @@
 
 All three models run in one process, interleaved round-robin so that machine
 noise hits them alike; the report gives median step times, their ratios to
-the recursive base model, and memory:
+the recursive base model as the geometric mean of the per-repeat ratios with a
+95% interval (bench/paired.py), and memory:
 - saved activations: bytes autograd keeps for backward (exact, device-independent);
 - peak memory: CUDA max allocated on GPU; on CPU the peak RSS of a separate
   process that builds only that model and runs one step (imports included,
@@ -30,10 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pretrain.library_warnings import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
+
 from mesh_model.config import ModelConfig  # noqa: E402
 from mesh_model.model import build_model  # noqa: E402
 from mesh_model.params import count_parameters, single_process_model_parallel  # noqa: E402
-from pretrain.cpu_shim import apply_cpu_shim  # noqa: E402
+from pretrain.compat import apply_cpu_shim  # noqa: E402
+from bench.paired import format_ratio, paired_ratio  # noqa: E402
 
 
 def saved_activation_bytes(model, inputs) -> int:
@@ -157,6 +163,8 @@ def main() -> None:
         "median_step_s": median,
         "all_step_s": times,
         "ratio_to_base": {v: median[v] / median["base"] for v in variants},
+        # Each repeat steps the three models back to back: a pair per repeat.
+        "paired_ratio_to_base": {v: paired_ratio(times[v], times["base"]) for v in variants if v != "base"},
         "memory": memory,
         "non_embedding_params": {v: p.non_embedding for v, p in params.items()},
     }
@@ -170,11 +178,13 @@ def main() -> None:
           f"{'bf16' if args.bf16 else 'fp32'}, {result['device']}, {result['threads']} threads, "
           f"median of {args.repeats}\n")
     peak_name = "peak allocated" if device.type == "cuda" else "peak RSS, own process"
-    print(f"| model | fwd+bwd (s) | vs base | saved activations (MiB) | vs base | {peak_name} (MiB) | non-emb params |")
+    print(f"| model | fwd+bwd (s) | vs base, paired (95% interval) | saved activations (MiB) | vs base | "
+          f"{peak_name} (MiB) | non-emb params |")
     print("|---|---|---|---|---|---|---|")
     for v in variants:
         act = memory[v]["saved_activations_bytes"]
-        print(f"| {v} | {median[v]:.3f} | {median[v] / median['base']:.3f} | {act / 2**20:.1f} | "
+        versus = "1" if v == "base" else format_ratio(result["paired_ratio_to_base"][v])
+        print(f"| {v} | {median[v]:.3f} | {versus} | {act / 2**20:.1f} | "
               f"{act / base_act:.3f} | {memory[v]['peak_bytes'] / 2**20:.0f} | {params[v].non_embedding:,} |")
     print(f"\nwritten to {path}")
 

@@ -26,7 +26,7 @@ so that machine noise hits all of them alike:
   parameter count (checked), stepped by the same loop on the same shapes.
   Stack minus this = the whole framework overhead (megatron's layers too).
   Target: the stack within 10% of it. On CPU it runs with the CPU shim's
-  TorchFunctionMode disabled (``pretrain/cpu_shim.py`` routes every torch
+  TorchFunctionMode disabled (``pretrain/compat.py``'s CPU shim routes every torch
   call of the process through Python to map ``device="cuda"``); the variant
   ``plain nn.Module, CPU shim on`` measures what the shim alone costs. The
   stack's non-pipelined step, and the ``megatron+AdamW`` loop, run with that
@@ -78,6 +78,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pretrain.library_warnings import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
 
 DEFAULT_LAYOUTS = "1x1x1,2x1x1,1x2x1,1x1x2"
 
@@ -229,7 +233,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from pretrain.config import load_config
-    from pretrain.train import Trainer, masked_mean
+    from pretrain.trainer import Trainer, masked_mean
 
     tp, pp, dp = parse_layout(args.layout)
     total_steps = args.warmup + args.repeats * args.steps
@@ -244,7 +248,6 @@ def worker(args) -> None:
     ]
     config = load_config(args.config, overrides)
     trainer = Trainer(config)
-    trainer.setup()
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -256,7 +259,7 @@ def worker(args) -> None:
         from mesh_model.model import build_model
 
         dtype = torch.bfloat16 if config.train.bf16 else torch.float32
-        mbs, accum, seq = config.train.micro_batch_size, trainer.grad_accum, config.model.seq_length
+        mbs, accum, seq = config.train.micro_batch_size, trainer.plan.grad_accum, config.model.seq_length
         generator = torch.Generator().manual_seed(0)
         vocab = trainer.tokenizer.vocab_size
         tokens = torch.randint(0, vocab, (accum, mbs, seq + 1), generator=generator).to(device)
@@ -297,7 +300,7 @@ def worker(args) -> None:
         def megatron_loss(model, x, y):
             return masked_mean(model(x, positions, mask, labels=y), {"loss_mask": ones})
 
-        from pretrain.cpu_shim import cuda_literals_unmapped, is_cpu_shim_applied
+        from pretrain.compat import cuda_literals_unmapped, is_cpu_shim_applied
 
         # The stack's non-pipelined step runs without the shim's per-call device mapping
         # (Trainer.train_step); the megatron loop gets the same treatment. A plain PyTorch
@@ -326,7 +329,7 @@ def worker(args) -> None:
         result = {
             "layout": args.layout, "world": world, "tp": tp, "pp": pp, "dp": dp,
             "threads_per_rank": torch.get_num_threads(), "device": str(device),
-            "tokens_per_step": tokens_per_step, "grad_accum": trainer.grad_accum,
+            "tokens_per_step": tokens_per_step, "grad_accum": trainer.plan.grad_accum,
             "micro_batch_size": config.train.micro_batch_size,
             "params_on_rank0": param_counts, "flops": flops_per_token(config.model),
             "median_step_s": {k: statistics.median(v) for k, v in samples.items()},

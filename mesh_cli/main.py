@@ -11,13 +11,17 @@ import argparse
 import importlib
 import sys
 
+from pretrain.library_warnings import quiet_known_warnings
+
+quiet_known_warnings()  # before any subcommand imports megatron-core
+
 # (module, attribute) pairs; imported lazily so `mesh --help` stays fast and a
 # broken optional dependency only affects the subcommand that needs it.
 _REGISTRARS = [
     "mesh_model.params",
     "data_prep.cli",
     "pretrain.cli",
-    "pretrain.ckpt_cli",
+    "pretrain.checkpoint.cli",
 ]
 
 
@@ -29,8 +33,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, not a bug: one line, no traceback."""
     from data_prep.errors import DataError
     from mesh_model.config import ConfigError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.train import TrainingDiverged
+    from pretrain.checkpoint.format import CheckpointError
+    from pretrain.trainer import TrainingDiverged
 
     return (CLIError, ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError)
 
@@ -56,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return run_command(args, args.func)
+
+
+def run_command(args: argparse.Namespace, func) -> int:
+    """Runs a subcommand; a user error is one line on stderr and exit code 2."""
     try:
-        result = args.func(args)
+        result = func(args)
     except _user_errors() as err:
         print(f"mesh {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ skips the masked upper triangle of a causal mask.
 `SDPAttention` is a drop-in for `DotProductAttention` in a `SelfAttention`
 spec: same constructor arguments, same [s, b, heads, head_dim] inputs and
 [s, b, heads * head_dim] output, no parameters (so checkpoints are unchanged).
-`tests/test_attention.py` checks it against `DotProductAttention`, forward and
+`tests/unit/mesh_model/test_attention.py` checks it against `DotProductAttention`, forward and
 backward, at TP 1.
 
 Masking: for the causal mask type the causal pattern is applied by the kernel

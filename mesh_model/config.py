@@ -128,6 +128,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._check_positive("hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+        if self.seq_length < 2:
+            raise ConfigError("model.seq_length must be >= 2 (a token and the next one to predict)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} does not divide "

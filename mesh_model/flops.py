@@ -17,7 +17,7 @@ Approximations, all small at real sizes: bias and LayerNorm parameters are
 counted at 6 FLOPs per token like weights although their work is elementwise
 (0.08% of F_token for Pythia-160M MeSH, 0.04% for 1.4B; a few % on toy shapes); the MeSH buffer's soft
 reads and writes (B multiply-adds per element of h, per step), softmaxes and
-activations are not counted. tests/test_flops.py checks that the matmul part,
+activations are not counted. tests/unit/mesh_model/test_flops.py checks that the matmul part,
 F_token - 6 x vector_params, is exactly what torch's FLOP counter counts in a
 real forward + backward pass.
 """

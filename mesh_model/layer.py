@@ -163,7 +163,7 @@ class LayerNorm(torch.nn.LayerNorm):
     sequence, so the weight and bias get partial gradients; they are marked
     `sequence_parallel` (megatron's attribute, also set by its fused and TE norms)
     and the trainer sums their gradients over the TP group
-    (pretrain/sequence_parallel.py).
+    (pretrain/parallel/sequence_parallel.py).
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):

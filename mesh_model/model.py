@@ -21,6 +21,7 @@ parallel linear inside `SelfAttention` / `MLP`, and `pre_process` /
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -42,7 +43,7 @@ from mesh_model.config import ModelConfig
 from mesh_model.layer import default_backend, neox_layer_spec
 from mesh_model.recurrence import RecurrentState, build_recurrence
 from mesh_model.seeding import seeded
-from mesh_model.unrolled import live_fields, pack, partition, unpack, unrolled_ops
+from mesh_model.unrolled import PipelineCut, pack, packed_width, unpack
 
 
 def build_transformer_config(
@@ -122,8 +123,8 @@ class MeshLanguageModel(LanguageModule):
     """A GPT-NeoX language model whose middle block may loop, with MeSH or a fixed recurrence.
 
     With pipeline parallelism each stage builds this class for its share of the
-    unrolled program (see unrolled.py): `pipeline_rank` / `pipeline_size` pick
-    the share, the first stage embeds, the last one has the head.
+    unrolled program (see unrolled.py): `cut` is the program cut into stages,
+    `pipeline_rank` picks the share; the first stage embeds, the last one has the head.
     """
 
     def __init__(
@@ -131,24 +132,22 @@ class MeshLanguageModel(LanguageModule):
         config: TransformerConfig,
         model_config: ModelConfig,
         backend: Optional[BackendSpecProvider] = None,
+        cut: Optional[PipelineCut] = None,
         pipeline_rank: int = 0,
-        pipeline_size: int = 1,
-        pipeline_layout: Optional[list[int]] = None,
     ):
         super().__init__(config=config)
         backend = backend or default_backend()
+        cut = cut or PipelineCut.of(model_config)
         self.model_config = model_config
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask for
         self.pre_process = pipeline_rank == 0
-        self.post_process = pipeline_rank == pipeline_size - 1
+        self.post_process = pipeline_rank == cut.num_stages - 1
         self.share_embeddings_and_output_weights = not model_config.untie_embeddings
         layer_spec = neox_layer_spec(backend, model_config.parallel_residual)
         split, seed = model_config.split, model_config.init_seed
 
         # This stage's share of the unrolled program, and what crosses its boundaries.
-        program = unrolled_ops(split)
-        stages = partition(program, pipeline_size, pipeline_layout)
-        self.ops = [program[i] for i in stages[pipeline_rank]]
+        self.ops = cut.stage_ops(pipeline_rank)
         self.recurrence = None
         if split.is_recursive:
             router_steps = sorted(
@@ -160,9 +159,8 @@ class MeshLanguageModel(LanguageModule):
             # their gradients are partial sums, to be summed over TP like the norms'.
             for param in self.recurrence.parameters():
                 param.sequence_parallel = config.sequence_parallel
-        fields = self.recurrence.fields() if self.recurrence is not None else None
-        self.recv_fields = [] if self.pre_process else live_fields(program, stages[pipeline_rank].start, fields)
-        self.send_fields = [] if self.post_process else live_fields(program, stages[pipeline_rank].stop, fields)
+        self.recv_fields = cut.recv_fields(pipeline_rank)
+        self.send_fields = cut.send_fields(pipeline_rank)
 
         if self.pre_process:
             with seeded(seed, -1):
@@ -218,8 +216,6 @@ class MeshLanguageModel(LanguageModule):
 
     def packed_width(self, which: str) -> int:
         """Last-dim width of the tensor this stage receives ("recv") or sends ("send")."""
-        from mesh_model.unrolled import packed_width
-
         names = self.recv_fields if which == "recv" else self.send_fields
         return packed_width(names, self.model_config.hidden_size, self.model_config.buffer_slots or 0)
 
@@ -286,38 +282,54 @@ class MeshLanguageModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)
 
 
+@dataclass(frozen=True)
+class ModelParallelism:
+    """How one rank's model is laid out: its tensor-parallel degree, its pipeline stage
+    of the cut program, and megatron's sequence parallelism. The training stack's
+    parallel plan provides it (`ParallelPlan.model_parallelism`); the default is one
+    whole model in one process."""
+
+    tensor: int = 1
+    pipeline_rank: int = 0
+    cut: Optional[PipelineCut] = None
+    """None: the whole program on one stage."""
+    sequence_parallel: bool = False
+
+    @classmethod
+    def stage(cls, config: ModelConfig, pipeline: int, rank: int, layout: Optional[list[int]] = None,
+              **kwargs) -> "ModelParallelism":
+        """Stage `rank` of `config`'s program cut into `pipeline` stages."""
+        return cls(pipeline_rank=rank, cut=PipelineCut.of(config, pipeline, layout), **kwargs)
+
+
 def build_model(
     model_config: ModelConfig,
+    parallelism: ModelParallelism = ModelParallelism(),
     *,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    pipeline_rank: int = 0,
-    pipeline_layout: Optional[list[int]] = None,
     params_dtype: torch.dtype = torch.float32,
-    sequence_parallel: bool = False,
     use_transformer_engine: Optional[bool] = None,
 ) -> MeshLanguageModel:
     """Builds this rank's model (its pipeline stage) on the current parallel state.
 
-    `sequence_parallel` (TP > 1): megatron's sequence parallelism. The residual
-    stream, norms, dropout and the MeSH recurrence work on s / TP positions per
+    With `parallelism.sequence_parallel` (TP > 1): megatron's sequence parallelism. The
+    residual stream, norms, dropout and the MeSH recurrence work on s / TP positions per
     rank; the column-parallel linears all-gather the sequence and the row-parallel
     ones reduce-scatter it. Parameters that then see only part of the tokens are
     marked `sequence_parallel`; their gradients must be summed over TP
-    (pretrain/sequence_parallel.py does it for training).
+    (pretrain/parallel/sequence_parallel.py does it for training).
     """
+    cut = parallelism.cut or PipelineCut.of(model_config)
     transformer_config = build_transformer_config(
         model_config,
-        tensor_parallel=tensor_parallel,
-        pipeline_parallel=pipeline_parallel,
+        tensor_parallel=parallelism.tensor,
+        pipeline_parallel=cut.num_stages,
         params_dtype=params_dtype,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=parallelism.sequence_parallel,
     )
     return MeshLanguageModel(
         transformer_config,
         model_config,
         backend=default_backend(use_transformer_engine),
-        pipeline_rank=pipeline_rank,
-        pipeline_size=pipeline_parallel,
-        pipeline_layout=pipeline_layout,
+        cut=cut,
+        pipeline_rank=parallelism.pipeline_rank,
     )

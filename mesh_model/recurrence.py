@@ -123,13 +123,17 @@ class FixedRecurrence(Recurrence):
         self.variant = variant
         self.num_loops = num_loops
 
-    def fields(self) -> EventFields:
-        supplement = self.SUPPLEMENT[self.variant]
+    @classmethod
+    def fields_of(cls, variant: str) -> EventFields:
+        supplement = cls.SUPPLEMENT[variant]
         return {
-            "begin": ((), ("anchor",) if self.variant == "anchor" else ()),
-            "loop_start": ((), ("loop_input",) if self.variant == "residual" else ()),
+            "begin": ((), ("anchor",) if variant == "anchor" else ()),
+            "loop_start": ((), ("loop_input",) if variant == "residual" else ()),
             "loop_end": ((supplement,) if supplement else (), ()),
         }
+
+    def fields(self) -> EventFields:
+        return self.fields_of(self.variant)
 
     def supplement(self, h: torch.Tensor, h0: torch.Tensor, h_emb: torch.Tensor):
         return {"base": None, "residual": h, "anchor": h0, "anchor_emb": h_emb}[self.variant]
@@ -191,12 +195,14 @@ class MeshRecurrence(Recurrence):
         steps = range(self.num_loops + 1) if router_steps is None else router_steps
         self.routers = MeshRouters(config.hidden_size, self.num_slots, steps, config.router_std, config.init_seed)
 
+    FIELDS: EventFields = {
+        "begin": (("embeddings",), ("buffer",)),
+        "loop_start": ((), ("loop_input",)),
+        "loop_end": (("loop_input", "buffer"), ("buffer",)),
+    }
+
     def fields(self) -> EventFields:
-        return {
-            "begin": (("embeddings",), ("buffer",)),
-            "loop_start": ((), ("loop_input",)),
-            "loop_end": (("loop_input", "buffer"), ("buffer",)),
-        }
+        return self.FIELDS
 
     def init_buffer(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, s, b, h]: slot 0 = the embeddings, the other slots zero."""
@@ -233,6 +239,15 @@ class MeshRecurrence(Recurrence):
 
     def loop_end(self, t: int, state: RecurrentState) -> None:
         self._step(t + 1, state, query=state.loop_input, value=state.hidden)
+
+
+def recurrence_fields(config: ModelConfig) -> Optional[EventFields]:
+    """What each event of `config.variant` reads and writes, without building it (None: vanilla)."""
+    if config.variant == "vanilla":
+        return None
+    if config.variant == "mesh":
+        return MeshRecurrence.FIELDS
+    return FixedRecurrence.fields_of(config.variant)
 
 
 def build_recurrence(config: ModelConfig, router_steps: Optional[Iterable[int]] = None) -> Optional[Recurrence]:

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from mesh_model.config import ConfigError, LayerSplit
-from mesh_model.recurrence import EventFields, RecurrentState
+from mesh_model.config import ConfigError, LayerSplit, ModelConfig
+from mesh_model.recurrence import EventFields, RecurrentState, recurrence_fields
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,56 @@ def live_fields(ops: list[Op], boundary: int, fields: Optional[EventFields]) -> 
             if name in defined_at[op.kind]:
                 break
     return live
+
+
+@dataclass(frozen=True)
+class PipelineCut:
+    """The unrolled program of one model cut into pipeline stages, computed once.
+
+    Everything a stage needs to know about the cut: its ops, which recurrence
+    fields it receives and sends, and which stages hold each core layer (a core
+    layer on several stages is a replica whose gradients are summed across them).
+    """
+
+    program: tuple[Op, ...]
+    stages: tuple[range, ...]
+    fields: Optional[EventFields]
+    """The recurrence's {event: (uses, defines)}; None for a non-recursive model."""
+
+    @classmethod
+    def of(cls, config: ModelConfig, stages: int = 1, layout: Optional[Sequence[int]] = None) -> "PipelineCut":
+        """Raises ConfigError (one line) for a layout that does not fit the program."""
+        program = unrolled_ops(config.split)
+        return cls(tuple(program), tuple(partition(program, stages, layout or None)), recurrence_fields(config))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_ops(self, stage: int) -> list[Op]:
+        return [self.program[i] for i in self.stages[stage]]
+
+    def recv_fields(self, stage: int) -> list[str]:
+        """Recurrence fields packed beside the hidden state into what `stage` receives."""
+        return [] if stage == 0 else live_fields(list(self.program), self.stages[stage].start, self.fields)
+
+    def send_fields(self, stage: int) -> list[str]:
+        last = stage == self.num_stages - 1
+        return [] if last else live_fields(list(self.program), self.stages[stage].stop, self.fields)
+
+    def core_holders(self) -> dict[int, tuple[int, ...]]:
+        """{core layer index: the stages that run it}, for every core layer."""
+        holders: dict[int, set[int]] = {}
+        for stage, ops in enumerate(self.stages):
+            for i in ops:
+                op = self.program[i]
+                if op.kind == "layer" and op.block == "core":
+                    holders.setdefault(op.index, set()).add(stage)
+        return {index: tuple(sorted(s)) for index, s in sorted(holders.items())}
+
+    def replicated_stage_sets(self) -> list[tuple[int, ...]]:
+        """The distinct sets of (two or more) stages that share a core layer."""
+        return sorted({s for s in self.core_holders().values() if len(s) > 1})
 
 
 def pack(state: RecurrentState, names: Sequence[str]) -> torch.Tensor:

@@ -9,29 +9,31 @@ from pathlib import Path
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, hooks=None, worker_module: str = "pretrain") -> int:
+    """`mesh train`. ``hooks`` / ``worker_module``: what tests substitute to inject faults
+    (the torchrun workers of ``worker_module`` build their own hooks)."""
     from pretrain.config import load_config
-    from pretrain.train import run
+    from pretrain.trainer import run
 
     config = load_config(args.config, args.overrides)  # validate before launching anything
     if args.nproc_per_node > 1:
-        from pretrain.train import check_startup
+        from pretrain.preflight import preflight
 
-        check_startup(config, world_size=args.nproc_per_node)
-        return _launch_torchrun(args)
-    result = run(config)
+        preflight(config, world_size=args.nproc_per_node)
+        return _launch_torchrun(args, config, worker_module)
+    result = run(config, hooks)
     final = result.final_eval
     if final is not None and os.environ.get("RANK", "0") == "0":
         print(f"final validation loss {final['loss']:.4f}, perplexity {final['ppl']:.2f}")
     return result.exit_code
 
 
-def _launch_torchrun(args: argparse.Namespace) -> int:
+def _launch_torchrun(args: argparse.Namespace, config, worker_module: str) -> int:
     """Re-runs this training command as N local processes under torchrun."""
     import subprocess
     import sys
 
-    from pretrain.config import load_config
+    from pretrain.run_folder import RunFolder
     from pretrain.signals import REQUEUE_EXIT_CODE
 
     env = dict(os.environ)
@@ -40,11 +42,10 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     # and gives them 30 s to save before it kills them.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
            "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           "-m", "pretrain", args.config, *args.overrides]
+           "-m", worker_module, args.config, *args.overrides]
     code = subprocess.call(cmd, env=env)
     # torchrun reports a worker's exit code 75 as a plain failure; rank 0's marker says what it was.
-    marker = Path(load_config(args.config, args.overrides).logging.run_dir) / "INTERRUPTED"
-    if code != 0 and marker.exists():
+    if code != 0 and RunFolder.of(config).interrupted_marker.exists():
         return REQUEUE_EXIT_CODE
     return code
 
@@ -55,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from data_prep.demo import prepare_demo
     from pretrain.config import load_config
-    from pretrain.train import run
+    from pretrain.trainer import run
 
     data_dir = Path(args.data_dir)
     prepare_demo(data_dir)

@@ -81,10 +81,10 @@ class ParallelConfig:
     """Layers of the unrolled graph per pipeline stage, e.g. [7, 6, 6, 5]; empty = even."""
     sequence_parallel: bool = False
     """megatron sequence parallelism (needs tensor >= 2): norms, dropout, residual and the
-    MeSH recurrence work on seq_length / tensor positions per TP rank (pretrain/sequence_parallel.py)."""
+    MeSH recurrence work on seq_length / tensor positions per TP rank (pretrain/parallel/sequence_parallel.py)."""
     virtual_pipeline: int = 1
     """Model chunks per pipeline rank (megatron's interleaved 1F1B). Only 1 is supported;
-    pretrain/pipeline.py (check_virtual_pipeline) says why."""
+    pretrain/parallel/plan.py (INTERLEAVED_UNSUPPORTED) says why."""
 
     def validate(self) -> None:
         if self.tensor < 1 or self.pipeline < 1:
@@ -203,15 +203,20 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":
+        """Each section checks itself (ModelConfig on construction). The one rule between
+        sections that needs no world size is here; the others, which depend on the layout,
+        are in pretrain/parallel/plan.py."""
         for section in (self.data, self.optim, self.parallel, self.train, self.checkpoint, self.logging):
             section.validate()
         if self.train.bf16 and self.parallel.zero_stage == 0:
+            # DeepSpeed 0.19.8: bf16 without ZeRO selects its legacy FP16_UnfusedOptimizer, which
+            # accumulates gradients in bf16 and runs one zero-gradient optimizer.step() at
+            # construction; with AdamW that advances the bias-correction step count and applies
+            # weight decay once, so every update is off (measured: first update ~0.74x the fp32 one).
             raise ConfigError(
                 "train.bf16=true needs parallel.zero_stage >= 1 (DeepSpeed's ZeRO-0 bf16 path "
                 "accumulates gradients in bf16 and mis-steps AdamW once at start-up)"
             )
-        if self.model.seq_length < 2:
-            raise ConfigError("model.seq_length must be >= 2")
         return self
 
     def to_dict(self) -> dict:

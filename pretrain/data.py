@@ -101,6 +101,12 @@ def parse_blend(entries: list[str]) -> tuple[list[str], Optional[list[float]]]:
     return _expand(list(entries[1::2]), weights)
 
 
+def check_data_prefixes(data: DataConfig) -> None:
+    """One-line DataError if a prefix of data.train / data.valid has no .bin/.idx."""
+    check_prefixes(parse_blend(data.train)[0], "data.train")
+    check_prefixes(parse_blend(data.valid)[0], "data.valid")
+
+
 def check_prefixes(prefixes: list[str], what: str) -> None:
     for prefix in prefixes:
         missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
@@ -130,8 +136,6 @@ def build_datasets(
     """Builds the GPTDatasets (megatron-core's builder, index caching included)."""
     train_blend = parse_blend(data.train)
     valid_blend = parse_blend(data.valid)
-    check_prefixes(train_blend[0], "data.train")
-    check_prefixes(valid_blend[0], "data.valid")
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -17,7 +17,7 @@ def model_parallel():
     from megatron.core import tensor_parallel
 
     from mesh_model.params import single_process_model_parallel
-    from pretrain.cpu_shim import apply_cpu_shim
+    from pretrain.compat import apply_cpu_shim
 
     apply_cpu_shim()
     with single_process_model_parallel():

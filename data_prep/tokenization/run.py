@@ -178,10 +178,10 @@ def _fingerprint(inputs: list, tokenizer: Tokenizer, options: TokenizeOptions, s
     }
 
 
-def _legacy_files(out: str) -> list[str]:
-    # What the first version of `mesh data tokenize` wrote at a prefix (P.bin, P.idx and a
-    # P.json sidecar; data_prep/shards.py from 65f14e2 until 7af4e41): refused like other output.
-    return [out + ".bin", out + ".idx", out + ".json"]
+def _plain_prefix_files(out: str) -> list[str]:
+    # A plain megatron dataset at the output prefix itself (P.bin / P.idx, as megatron's own
+    # tools write it) is someone's data: refused like other output, never overwritten silently.
+    return [out + ".bin", out + ".idx"]
 
 
 def _progress_files(out: str, state: ProgressState) -> list[str]:
@@ -249,7 +249,7 @@ def _check_output(out: str, fingerprint: dict, overwrite: bool, splitting: bool,
                 f"output {out!r} already exists ({os.path.basename(run_manifest)}) and was made from other "
                 "inputs or options; pass --overwrite to replace it or choose another --out"
             )
-    stray = [p for p in _legacy_files(out) + [
+    stray = [p for p in _plain_prefix_files(out) + [
         q + suffix for q in _planned_group_prefixes(out, splitting, shard_bytes)
         for suffix in (".bin", ".idx", ".bin.partial", ".manifest.json")
     ] if os.path.exists(p)]
