@@ -161,7 +161,12 @@ def test_activation_recompute_is_exact_and_saves_memory(model_parallel, recomput
     (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results["keep"], results["recompute"]
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-9, msg=name)
+        # The recomputed backward sums the same gradient terms in another order, so an element
+        # that is a cancelling sum can move by float32 round-off of the tensor's largest terms:
+        # measured 9.5e-8 x max|grad| (prelude biases under core@1, AMD EPYC host), 2.8e-9 absolute
+        # on a value of 9.5e-4, which a bare rtol=1e-6 rejects. Allow 1e-6 of the tensor's scale.
+        scale = grads_a[name].abs().max().item()
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-9 + 1e-6 * scale, msg=name)
     assert saved_b < saved_a
 
 
