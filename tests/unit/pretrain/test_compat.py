@@ -42,26 +42,16 @@ def test_cpu_shim_applies_once_and_maps_cuda_to_cpu():
 
     from pretrain.compat import apply_cpu_shim, is_cpu_shim_applied
 
+    def shim_targets():
+        return (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.manual_seed,
+                torch.cuda.get_rng_state, mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state)
+
     assert apply_cpu_shim() is True and is_cpu_shim_applied()
-    patched = (
-        torch.cuda.current_device,
-        torch.cuda.synchronize,
-        torch.cuda.manual_seed,
-        torch.cuda.get_rng_state,
-        mcore_random._get_cuda_rng_state,
-        mcore_random._set_cuda_rng_state,
-    )
+    patched = shim_targets()
     modes = torch._C._len_torch_function_stack()
     filters = len(logging.getLogger(mcore_random.__name__).filters)
     assert apply_cpu_shim() is True  # idempotent: nothing is re-patched or stacked
-    assert patched == (
-        torch.cuda.current_device,
-        torch.cuda.synchronize,
-        torch.cuda.manual_seed,
-        torch.cuda.get_rng_state,
-        mcore_random._get_cuda_rng_state,
-        mcore_random._set_cuda_rng_state,
-    )
+    assert patched == shim_targets()
     assert torch._C._len_torch_function_stack() == modes >= 1
     assert len(logging.getLogger(mcore_random.__name__).filters) == filters
 

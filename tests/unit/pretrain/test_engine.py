@@ -27,36 +27,6 @@ OPTIM_CONFIG = OptimConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, be
 
 
 
-def test_model_parallel_rng_tracker_is_seeded(dist_ctx):
-    from megatron.core import tensor_parallel
-
-    states = tensor_parallel.get_cuda_rng_tracker().get_states()
-    # Each tracker has its own stream; data-parallel gets the plain seed.
-    assert not torch.equal(states["data-parallel-rng"], states["model-parallel-rng"])
-    if not torch.cuda.is_available():  # the shim backs the trackers by the CPU generator
-        assert torch.equal(states["data-parallel-rng"], torch.Generator().manual_seed(1234).get_state())
-
-
-def test_activation_recompute_with_dropout_matches_plain_backward(dist_ctx):
-    """tensor_parallel.checkpoint replays the RNG states (shim-backed) and runs its
-    recompute inside backward, where the device mapping must still be active."""
-    from megatron.core import tensor_parallel
-
-    tokens, positions, labels = gpt_batch(0)
-    grads = []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        tensor_parallel.model_parallel_cuda_manual_seed(99)
-        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        model = tiny_gpt(hidden_dropout=0.1, attention_dropout=0.1, **(extra if recompute else {}))
-        model.train()
-        model(tokens, positions, None, labels=labels).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------- LR schedule
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     peak, floor, total = 3e-4, 3e-5, 1000  # the paper: 1% warmup, decay to 10% of peak
     warmup = total // 100
