@@ -33,6 +33,51 @@ class ConfigError(ValueError):
     """A config value is invalid. The message names the field and the fix."""
 
 
+#: The seed range: numpy's ``RandomState`` (python, numpy and megatron's dataset shuffles) needs [0, 2**32 - 1].
+SEED_RANGE = dict(ge=0, le=2**32 - 1)
+
+
+def check_number(where: str, value: object, *, integer: bool = False, ge: float | None = None,
+                 gt: float | None = None, le: float | None = None, lt: float | None = None,
+                 note: str = "") -> None:
+    """One-line ConfigError unless `value` is a finite number (an int when `integer`) in range.
+
+    `where` names the field as a user writes it ("optim.lr"); ge/le are inclusive bounds, gt/lt
+    exclusive ones; `note` is added in parentheses. A bool is not a number here. For example "optim.lr=nan must be a finite
+    number > 0", "train.seed=-1 must be an integer in [0, 4294967295]".
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = (is_number and (isinstance(value, int) or (not integer and math.isfinite(value)))
+          and (ge is None or value >= ge) and (gt is None or value > gt)
+          and (le is None or value <= le) and (lt is None or value < lt))
+    if ok:
+        return
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
+    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
+    if low and high:
+        bounds = f" in {low}, {high}"
+    elif low:
+        bounds = f" >= {ge}" if ge is not None else f" > {gt}"
+    elif high:
+        bounds = f" <= {le}" if le is not None else f" < {lt}"
+    else:
+        bounds = ""
+    note = f" ({note})" if note else ""
+    kind = "an integer" if integer else "a finite number"
+    raise ConfigError(f"{where}={value!r} must be {kind}{bounds}{note}")
+
+
+def check_finite_fields(section: str, config: object) -> None:
+    """The catch-all behind the per-field ranges: no float of a config dataclass (or of a list
+    field) may be NaN or infinite, so a new field that forgets its range check still cannot
+    carry a non-finite value into training."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name, None)  # a derived (init=False) field may not be set yet
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{section}.{f.name}={value!r} must be a finite number")
+
+
 @dataclass(frozen=True)
 class LayerSplit:
     prelude: int
@@ -100,19 +145,24 @@ class ModelConfig:
     router_init_std: float | None = None
     """MeSH router weight init std. The paper leaves it open; default
     sqrt(2 / (5 * hidden_size)) (truncated normal), biases zero, which starts
-    every router near-uniform over the slots."""
+    every router near-uniform over the slots. > 0 when set."""
 
     # --- GPT-NeoX architecture options --------------------------------------
     parallel_residual: bool = True
     """x + attn(ln1(x)) + mlp(ln2(x)); False gives the sequential pre-LN layer."""
     rotary_percent: float = 0.25
+    """Share of each head's dims that get rotary embeddings, in (0, 1]."""
     rotary_base: int = 10000
+    """Rotary frequency base (an integer >= 1)."""
     layernorm_epsilon: float = 1e-5
+    """> 0."""
     scale_embeddings: bool = True
     """Multiply token embeddings by sqrt(hidden_size), as the paper's setup does."""
     untie_embeddings: bool = True
     init_method_std: float = 0.02
+    """Std of the weight init (> 0); output projections use std / sqrt(2 * compute depth)."""
     hidden_dropout: float = 0.0
+    """Dropout probabilities, each in [0, 1)."""
     attention_dropout: float = 0.0
     recompute: list[str] = field(default_factory=list)
     """Activation checkpointing: recompute these layers in backward instead of keeping
@@ -121,22 +171,21 @@ class ModelConfig:
     init_seed: int = 1234
     """Each layer, the embedding, the head and the routers draw their initial weights
     from their own seed derived from this one, so initialisation does not depend on
-    the parallel layout."""
+    the parallel layout. In [0, 2**32 - 1], like train.seed."""
 
     # ----------------------------------------------------------------------
     split: LayerSplit = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_positive("hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+        self._check_numbers()
         if self.seq_length < 2:
-            raise ConfigError("model.seq_length must be >= 2 (a token and the next one to predict)")
+            raise ConfigError(f"model.seq_length={self.seq_length} must be >= 2 (a token and the next one to predict)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} does not divide "
                 f"model.hidden_size={self.hidden_size}; pick a head count that divides it"
             )
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
-            raise ConfigError(f"model.ffn_hidden_size={self.ffn_hidden_size} must be positive")
         if self.variant not in VARIANTS:
             raise ConfigError(
                 f"model.variant={self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}"
@@ -144,26 +193,36 @@ class ModelConfig:
         self.split = parse_layer_split(self.layer_split)
         self._check_split()
         self._check_buffer()
-        if not 0.0 < self.rotary_percent <= 1.0:
-            raise ConfigError(f"model.rotary_percent={self.rotary_percent} must be in (0, 1]")
         rotary_dims = int(self.head_dim * self.rotary_percent)
         if rotary_dims < 2 or rotary_dims % 2:
             raise ConfigError(
                 f"model.rotary_percent={self.rotary_percent} gives {rotary_dims} rotary dims of "
                 f"head_dim={self.head_dim}; it must be an even number >= 2"
             )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
         self._check_recompute()
-        if self.make_vocab_size_divisible_by <= 0:
-            raise ConfigError("model.make_vocab_size_divisible_by must be positive")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name}={value!r} must be a positive integer")
+
+    def _check_numbers(self) -> None:
+        """The range of every numeric field on its own (rules between fields come after it)."""
+        for name in ("ffn_hidden_size", "num_layers"):
+            if getattr(self, name) is not None:
+                check_number(f"model.{name}", getattr(self, name), integer=True, ge=1)
+        check_number("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by, integer=True, ge=1)
+        check_number("model.rotary_base", self.rotary_base, integer=True, ge=1)
+        check_number("model.init_seed", self.init_seed, integer=True, **SEED_RANGE)
+        if self.router_init_std is not None:
+            check_number("model.router_init_std", self.router_init_std, gt=0)
+        for name in ("layernorm_epsilon", "init_method_std"):
+            check_number(f"model.{name}", getattr(self, name), gt=0)
+        check_number("model.rotary_percent", self.rotary_percent, gt=0, le=1)
+        for name in ("hidden_dropout", "attention_dropout"):
+            check_number(f"model.{name}", getattr(self, name), ge=0, lt=1)
+        check_finite_fields("model", self)
 
     def _check_split(self) -> None:
         split = self.split

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mesh_model.config import ConfigError, ModelConfig, read_yaml_mapping
+from mesh_model.config import SEED_RANGE, ConfigError, ModelConfig, check_finite_fields, check_number, read_yaml_mapping
 
 
 @dataclass
@@ -33,42 +33,47 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where megatron-core caches its sample indices (default: <run_dir>/data_cache)."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (>= 0; 0: load in the training process)."""
+    verify_checksums: bool = False
+    """Also check each shard's sha256 against its manifest at start-up; reads every byte. Without
+    it the start-up check reads each .idx and the .bin's size only (pretrain/data.py)."""
 
     def validate(self) -> None:
         if not self.tokenizer:
             raise ConfigError("data.tokenizer is empty; point it at a tokenizer .model or tokenizer.json")
         if not self.train:
             raise ConfigError("data.train is empty; give at least one .bin/.idx prefix")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        check_number("data.num_workers", self.num_workers, integer=True, ge=0)
 
 
 @dataclass
 class OptimConfig:
     lr: float = 6e-4
+    """Peak learning rate (> 0)."""
     min_lr: Optional[float] = None
-    """Default: 10% of lr (the paper decays to 10% of peak)."""
+    """Default: 10% of lr (the paper decays to 10% of peak); in [0, lr]."""
     weight_decay: float = 0.01
+    """AdamW weight decay (>= 0)."""
     beta1: float = 0.9
+    """AdamW betas, each in [0, 1)."""
     beta2: float = 0.95
     eps: float = 1e-8
+    """AdamW epsilon (> 0)."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (>= 0)."""
     warmup_fraction: float = 0.01
+    """Fraction of train.steps of linear warmup, in [0, 1)."""
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        check_number("optim.lr", self.lr, gt=0)
         if self.min_lr is None:
             self.min_lr = 0.1 * self.lr
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+        check_number("optim.min_lr", self.min_lr, ge=0, le=self.lr, note="at most optim.lr")
+        for name in ("beta1", "beta2", "warmup_fraction"):
+            check_number(f"optim.{name}", getattr(self, name), ge=0, lt=1)
+        check_number("optim.eps", self.eps, gt=0)
+        for name in ("grad_clip", "weight_decay"):
+            check_number(f"optim.{name}", getattr(self, name), ge=0)
 
 
 @dataclass
@@ -87,12 +92,14 @@ class ParallelConfig:
     pretrain/parallel/plan.py (INTERLEAVED_UNSUPPORTED) says why."""
 
     def validate(self) -> None:
-        if self.tensor < 1 or self.pipeline < 1:
-            raise ConfigError(
-                f"parallel.tensor={self.tensor} and parallel.pipeline={self.pipeline} must be >= 1"
-            )
+        for name in ("tensor", "pipeline", "virtual_pipeline"):
+            check_number(f"parallel.{name}", getattr(self, name), integer=True, ge=1)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.pipeline_layout):
+            raise ConfigError(
+                f"parallel.pipeline_layout={self.pipeline_layout} must hold integers >= 1 (layers per stage)"
+            )
 
 
 @dataclass
@@ -104,6 +111,7 @@ class TrainConfig:
     global_batch_size: int = 16
     """Sequences per optimizer step, over all data-parallel ranks and accumulation."""
     seed: int = 1234
+    """Seeds python, numpy and torch and megatron's data order; in [0, 2**32 - 1] (numpy's range)."""
     device: str = "auto"
     """auto (cuda when present, else cpu), cpu or cuda."""
     bf16: bool = False
@@ -124,8 +132,11 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_batches", "log_interval",
                      "max_skipped_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+            check_number(f"train.{name}", getattr(self, name), integer=True, ge=1)
+        check_number("train.eval_interval", self.eval_interval, integer=True, ge=0, note="0 = only at the end")
+        check_number("train.stop_after_step", self.stop_after_step, integer=True, ge=0, note="0 = run to train.steps")
+        check_number("train.max_minutes", self.max_minutes, ge=0, note="0 = no limit")
+        check_number("train.seed", self.seed, integer=True, **SEED_RANGE)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
@@ -166,10 +177,8 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         for name in ("save_interval", "keep_last", "keep_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"checkpoint.{name}={getattr(self, name)} must be >= 0")
-        if self.save_interval_minutes < 0:
-            raise ConfigError(f"checkpoint.save_interval_minutes={self.save_interval_minutes} must be >= 0")
+            check_number(f"checkpoint.{name}", getattr(self, name), integer=True, ge=0)
+        check_number("checkpoint.save_interval_minutes", self.save_interval_minutes, ge=0)
         if not self.resume:
             raise ConfigError("checkpoint.resume is empty; use auto, none or a checkpoint directory")
 
@@ -188,8 +197,8 @@ class LoggingConfig:
     def validate(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ConfigError(f"logging.peak_tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device)")
+        if self.peak_tflops is not None:
+            check_number("logging.peak_tflops", self.peak_tflops, gt=0, note="TFLOP/s of one device")
 
 
 @dataclass
@@ -208,6 +217,8 @@ class RunConfig:
         are in pretrain/parallel/plan.py."""
         for section in (self.data, self.optim, self.parallel, self.train, self.checkpoint, self.logging):
             section.validate()
+        for f in dataclasses.fields(self):  # the catch-all: no section may hold a NaN or an infinity
+            check_finite_fields(f.name, getattr(self, f.name))
         if self.train.bf16 and self.parallel.zero_stage == 0:
             # DeepSpeed 0.19.8: bf16 without ZeRO selects its legacy FP16_UnfusedOptimizer, which
             # accumulates gradients in bf16 and runs one zero-gradient optimizer.step() at
@@ -262,6 +273,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}={value!r} must be true or false")
     if annotation in (int, float, str):
+        if annotation is not str and isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be of type {annotation.__name__}, not a boolean")
         if annotation is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         if annotation is str and not isinstance(value, str):

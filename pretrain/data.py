@@ -15,10 +15,16 @@ A list of several prefixes without weights is blended by token count too
 (explicit weights), which lets megatron-core build as many epochs of each as
 the run needs; without weights it would stop after one epoch of all of them.
 Weighted blends build a megatron ``BlendedDataset``.
+
+Before any of that, at start-up (``check_data_prefixes``, from pretrain/preflight.py), every
+shard is checked for damage: its .idx against itself and the .bin's size, and against its manifest
+record (``data_prep.outputs.megatron_shards.check_shard``; the sha256 too with
+``data.verify_checksums``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +35,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from data_prep.errors import DataError
-from data_prep.outputs.data_prefixes import resolve_data_prefix
+from data_prep.outputs.data_prefixes import Shard, resolve_data_prefix
+from data_prep.outputs.megatron_shards import check_shard
 from pretrain.config import DataConfig
 
 
@@ -81,33 +88,39 @@ def parse_blend(entries: list[str]) -> tuple[list[str], Optional[list[float]]]:
     """
     if not entries:
         return [], None
-
-    def is_number(text: str) -> bool:
-        try:
-            float(text)
-            return True
-        except ValueError:
-            return False
-
-    if not is_number(entries[0]):
+    if not _is_number(entries[0]):
         return _expand(list(entries), None)
-    if len(entries) % 2 or not all(is_number(w) for w in entries[::2]):
+    if len(entries) % 2 or not all(_is_number(w) for w in entries[::2]):
         raise DataError(
             f"blend {entries} must alternate weight and prefix (e.g. ['0.7', 'a', '0.3', 'b'])"
         )
     weights = [float(w) for w in entries[::2]]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(f"blend weights {weights} must be non-negative and not all zero")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"blend weights {weights} must be finite, non-negative and not all zero")
     return _expand(list(entries[1::2]), weights)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def check_data_prefixes(data: DataConfig) -> None:
-    """One-line DataError if a prefix of data.train / data.valid has no .bin/.idx."""
-    check_prefixes(parse_blend(data.train)[0], "data.train")
-    check_prefixes(parse_blend(data.valid)[0], "data.valid")
+    """One-line DataError if a shard of data.train / data.valid (after blend and manifest
+    expansion) is missing or damaged, or (``data.verify_checksums``) differs from its manifest's
+    sha256. By default each .idx is read and each .bin only stat'ed (fast at Pile scale)."""
+    for entries, what in ((data.train, "data.train"), (data.valid, "data.valid")):
+        shards = {s.prefix: s for entry in entries if not _is_number(entry) for s in resolve_data_prefix(entry)}
+        check_prefixes(parse_blend(entries)[0], what, shards, data.verify_checksums)
 
 
-def check_prefixes(prefixes: list[str], what: str) -> None:
+def check_prefixes(prefixes: list[str], what: str, shards: Optional[dict[str, Shard]] = None,
+                   verify_checksums: bool = False) -> None:
+    """Each prefix has its .bin/.idx, and they pass ``check_shard`` (against the manifest record
+    in ``shards`` where there is one; a plain prefix has no checksums to verify)."""
     for prefix in prefixes:
         missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
         if missing:
@@ -115,6 +128,11 @@ def check_prefixes(prefixes: list[str], what: str) -> None:
                 f"{what} prefix {prefix!r} has no {' / '.join(prefix + m for m in missing)} "
                 f"(and no {prefix}.manifest.json); run `mesh data tokenize` (or `mesh data prepare-demo`) first"
             )
+        shard = (shards or {}).get(prefix) or Shard(prefix, None, None)
+        try:
+            check_shard(prefix, shard.record, shard.manifest, verify_checksums=verify_checksums)
+        except DataError as err:
+            raise DataError(f"{what}: {err}") from None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data_prep.errors import DataError
-from data_prep.outputs.manifest import MANIFEST_SUFFIX, Manifest, RunManifest, manifest_path, read_manifest
+from data_prep.outputs.manifest import MANIFEST_SUFFIX, Manifest, RunManifest, ShardRecord, manifest_path, read_manifest
 
 
 def find_manifest(entry: str) -> Optional[str]:
@@ -33,12 +33,16 @@ class Shard:
     prefix: str  # usable path (joined with the manifest's folder)
     documents: Optional[int]
     tokens: Optional[int]
+    #: The manifest's record of the shard and the manifest's path (None for a plain prefix):
+    #: what the start-up check (``megatron_shards.check_shard``) compares the files with.
+    record: Optional[ShardRecord] = None
+    manifest: Optional[str] = None
 
 
 def manifest_shards(path: str, manifest: Manifest) -> list[Shard]:
     """All shards a manifest lists, in order."""
     folder = os.path.dirname(path)
-    return [Shard(os.path.join(folder, shard.prefix), shard.documents, shard.tokens)
+    return [Shard(os.path.join(folder, shard.prefix), shard.documents, shard.tokens, shard, path)
             for g in manifest.groups for shard in g.shards]
 
 

@@ -19,7 +19,7 @@ import numpy
 from data_prep.errors import DataError
 from data_prep.outputs.data_prefixes import find_manifest, manifest_shards
 from data_prep.outputs.manifest import Manifest, RunManifest, load_manifest, manifest_from_dict
-from data_prep.outputs.megatron_shards import read_index
+from data_prep.outputs.megatron_shards import check_shard, read_index
 from data_prep.tokenizer import Tokenizer, file_sha256, load_tokenizer
 
 
@@ -123,16 +123,17 @@ def inspect_prefix(prefix: str, samples: int = 3, seed: int = 0, tokenizer_path:
     if verify:
         if manifest is None:
             raise DataError("--verify needs a manifest (it holds the checksums)")
-        records = {os.path.join(os.path.dirname(path), s.prefix): s for g in manifest.groups for s in g.shards}
-        bad = []
-        for shard_prefix, record in records.items():
-            for kind in ("bin", "idx"):
-                file = f"{shard_prefix}.{kind}"
-                if not os.path.isfile(file) or file_sha256(file) != getattr(record, f"{kind}_sha256"):
-                    bad.append(file)
-        if bad:
-            raise DataError(f"{len(bad)} shard file(s) missing or changed since the manifest was written: {', '.join(bad[:5])}")
-        lines.append(f"verified: {len(records)} shard(s) match their sha256 in the manifest")
+        # The start-up check of training (megatron_shards.check_shard), with the checksums.
+        checked, problems = manifest_shards(path, manifest), []
+        for shard in checked:
+            try:
+                check_shard(shard.prefix, shard.record, path, verify_checksums=True)
+            except DataError as err:
+                problems.append(str(err))
+        if problems:
+            raise DataError(problems[0] if len(problems) == 1 else
+                            f"{len(problems)} of {len(checked)} shards are damaged; the first: {problems[0]}")
+        lines.append(f"verified: {len(checked)} shard(s) match their sizes and sha256 in the manifest")
 
     if samples > 0:
         if manifest is None and tokenizer_path is None:

@@ -9,6 +9,11 @@ A shard with prefix ``P`` is what megatron-core's ``IndexedDataset(P)`` reads:
   this format directly with numpy; ``tests`` check it byte for byte against
   megatron-core's own ``IndexedDatasetBuilder``.
 
+Start-up check. ``check_shard`` reads one shard's ``.idx`` (header, lengths, pointers,
+document indices) and the ``.bin``'s size, and with a manifest record also compares counts,
+size and (optionally, reading every byte) the sha256 of both files: a damaged or cut-short
+copy is one line naming the file before training builds anything.
+
 Crash safety. While a shard is being written its data lives in
 ``P.bin.partial`` and ``P.lens.partial`` (document lengths); names megatron
 never opens. Finalising writes ``P.idx.partial`` and then renames ``.bin``
@@ -23,17 +28,25 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from typing import Optional
 
 import numpy
 
 from data_prep.errors import DataError
 from data_prep.outputs.manifest import ShardRecord
+from data_prep.tokenizer import file_sha256
 
 #: megatron-core's index header and version (``indexed_dataset._INDEX_HEADER``).
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 #: megatron-core's dtype codes (``indexed_dataset.DType``) for the two token dtypes we write.
 DTYPE_CODES = {numpy.dtype(numpy.uint16): 8, numpy.dtype(numpy.int32): 4}
+#: Item sizes of every dtype code megatron-core reads (``indexed_dataset.DType``: uint8, int8, int16,
+#: int32, int64, float64, float32, uint16): a shard written by another tool may use any of them.
+MEGATRON_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+#: Magic, version (<Q), dtype code (<B), sequence count (<Q), document-index count (<Q).
+INDEX_HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
+SHARD_FIX = "re-copy it or rerun `mesh data tokenize`"
 #: Largest vocabulary stored as uint16. megatron-core's ``DType.optimal_dtype``
 #: switches to int32 at 65500 (not 65536); we follow it so its tools and ours agree.
 UINT16_VOCAB_LIMIT = 65500
@@ -81,8 +94,8 @@ def read_index(prefix: str) -> tuple[numpy.dtype, numpy.ndarray]:
     """(token dtype, sequence lengths) of an existing shard, read without megatron-core."""
     path = prefix + ".idx"
     with open(path, "rb") as f:
-        head = f.read(len(INDEX_MAGIC) + 8 + 1 + 8 + 8)
-        if not head.startswith(INDEX_MAGIC):
+        head = f.read(INDEX_HEADER_BYTES)
+        if len(head) < INDEX_HEADER_BYTES or not head.startswith(INDEX_MAGIC):
             raise DataError(f"{path!r} is not a megatron-core index file")
         code = head[len(INDEX_MAGIC) + 8]
         (count,) = struct.unpack("<Q", head[len(INDEX_MAGIC) + 9: len(INDEX_MAGIC) + 17])
@@ -91,6 +104,78 @@ def read_index(prefix: str) -> tuple[numpy.dtype, numpy.ndarray]:
     if code not in codes:
         raise DataError(f"{path!r} stores dtype code {code}, not a token dtype this tool writes")
     return codes[code], lengths
+
+
+def check_shard(prefix: str, record: Optional[ShardRecord] = None, manifest: Optional[str] = None,
+                verify_checksums: bool = False) -> None:
+    """One-line DataError (the file, what is wrong, the fix) unless shard ``prefix`` is whole.
+
+    Always (fast: the .idx is read, the .bin only stat'ed): the .idx header (magic, version,
+    dtype code), that its size matches its counts, that the lengths are >= 0, the pointers
+    are where the lengths put them and the document indices run from 0 to the sequence count
+    in order, and that the .bin holds exactly the bytes the .idx implies. With the shard's
+    manifest ``record`` (and the ``manifest`` path, for the message): the sequence and token
+    counts and the .bin size it records; with ``verify_checksums`` also the sha256 of both files
+    (reads every byte). ``mesh data inspect --verify`` and training's start-up check use this.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    try:
+        idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+        with open(idx, "rb") as f:
+            head = f.read(INDEX_HEADER_BYTES)
+    except OSError as err:
+        raise DataError(f"shard {prefix!r} cannot be read ({err.strerror}: {err.filename}); {SHARD_FIX}") from None
+
+    def damaged(path: str, what: str) -> DataError:
+        return DataError(f"{path} is damaged: {what}; {SHARD_FIX}")
+
+    if len(head) < INDEX_HEADER_BYTES:
+        raise damaged(idx, f"it has {idx_size} bytes, fewer than a megatron index header ({INDEX_HEADER_BYTES})")
+    if not head.startswith(INDEX_MAGIC):
+        raise damaged(idx, f"it does not start with megatron's index magic {INDEX_MAGIC!r}")
+    version, code, count, doc_count = struct.unpack_from("<QBQQ", head, len(INDEX_MAGIC))
+    if version != INDEX_VERSION:
+        raise damaged(idx, f"index version {version}, not {INDEX_VERSION}")
+    if code not in MEGATRON_DTYPE_SIZES:
+        raise damaged(idx, f"dtype code {code} is none of megatron's codes {sorted(MEGATRON_DTYPE_SIZES)}")
+    expected = INDEX_HEADER_BYTES + 12 * count + 8 * doc_count
+    # megatron's multimodal index appends one int8 mode per sequence; GPT training ignores it.
+    if idx_size not in (expected, expected + count):
+        raise damaged(idx, f"it has {idx_size} bytes, but its header's {count} sequences and {doc_count} document "
+                           f"indices need {expected}")
+    index = numpy.memmap(idx, dtype=numpy.uint8, mode="r")
+    offset = INDEX_HEADER_BYTES
+    lengths = numpy.frombuffer(index, dtype=numpy.int32, count=count, offset=offset)
+    pointers = numpy.frombuffer(index, dtype=numpy.int64, count=count, offset=offset + 4 * count)
+    documents = numpy.frombuffer(index, dtype=numpy.int64, count=doc_count, offset=offset + 12 * count)
+    itemsize = MEGATRON_DTYPE_SIZES[code]
+    if count and int(lengths.min()) < 0:
+        raise damaged(idx, f"sequence {int(numpy.argmin(lengths))} has a negative length")
+    ends = numpy.cumsum(lengths, dtype=numpy.int64) * itemsize
+    starts = numpy.concatenate([numpy.zeros(min(count, 1), numpy.int64), ends[:-1]])
+    if not numpy.array_equal(pointers, starts):
+        i = int(numpy.flatnonzero(pointers != starts)[0])
+        raise damaged(idx, f"sequence {i} starts at byte {int(pointers[i])}, but the lengths before it end at "
+                           f"byte {int(starts[i])}")
+    if not doc_count or int(documents[0]) != 0 or int(documents[-1]) != count or (numpy.diff(documents) < 0).any():
+        raise damaged(idx, f"its document indices do not run in order from 0 to its {count} sequences")
+    tokens = int(ends[-1]) // itemsize if count else 0
+    if bin_size != tokens * itemsize:
+        how = "cut short" if bin_size < tokens * itemsize else "longer than its index"
+        raise damaged(bin_, f"it has {bin_size} bytes, but {os.path.basename(idx)} says {tokens} tokens of "
+                            f"{itemsize} bytes = {tokens * itemsize} bytes ({how})")
+    if record is None:
+        return
+    source = f"manifest {manifest}" if manifest else "its manifest"
+    for what, actual, recorded in (("bytes", bin_size, record.bin_bytes), ("sequences", count, record.documents),
+                                   ("tokens", tokens, record.tokens)):
+        if actual != recorded:
+            path = bin_ if what == "bytes" else idx
+            raise damaged(path, f"it holds {actual} {what} but {source} records {recorded} (another shard's file?)")
+    if verify_checksums:
+        for path, recorded in ((bin_, record.bin_sha256), (idx, record.idx_sha256)):
+            if file_sha256(path) != recorded:
+                raise damaged(path, f"its sha256 has changed since {source} was written")
 
 
 def _fsync(f) -> None:
