@@ -29,14 +29,21 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input, not a bug: one line, no traceback."""
+def _user_errors() -> dict[type[BaseException], int]:
+    """Errors that mean bad input or a failed write, not a bug: one line, no traceback, and their
+    exit codes (checked in this order)."""
     from data_prep.errors import DataError
     from mesh_model.config import ConfigError
     from pretrain.checkpoint.format import CheckpointError
+    from pretrain.checkpoint.protocol import CheckpointSaveError
+    from pretrain.run_folder import RunFolderError
+    from pretrain.run_lock import RunFolderBusy
+    from pretrain.signals import SAVE_FAILED_EXIT_CODE
     from pretrain.trainer import TrainingDiverged
 
-    return (CLIError, ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError)
+    return {CheckpointSaveError: SAVE_FAILED_EXIT_CODE, RunFolderError: SAVE_FAILED_EXIT_CODE,
+            CLIError: 2, ConfigError: 2, DataError: 2, CheckpointError: 2, TrainingDiverged: 2, RunFolderBusy: 2,
+            FileNotFoundError: 2, FileExistsError: 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace, func) -> int:
     """Runs a subcommand; a user error is one line on stderr and exit code 2."""
+    codes = _user_errors()
     try:
         result = func(args)
-    except _user_errors() as err:
+    except tuple(codes) as err:
         print(f"mesh {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return next(code for kind, code in codes.items() if isinstance(err, kind))
     return int(result or 0)
 
 

@@ -18,8 +18,10 @@ def _train(args: argparse.Namespace, hooks=None, worker_module: str = "pretrain"
     config = load_config(args.config, args.overrides)  # validate before launching anything
     if args.nproc_per_node > 1:
         from pretrain.preflight import preflight
+        from pretrain.run_lock import RunLock
 
         preflight(config, world_size=args.nproc_per_node)
+        RunLock(config.logging.run_dir).check_free()  # rank 0 of the workers takes it
         return _launch_torchrun(args, config, worker_module)
     result = run(config, hooks)
     final = result.final_eval
@@ -34,7 +36,6 @@ def _launch_torchrun(args: argparse.Namespace, config, worker_module: str) -> in
     import sys
 
     from pretrain.run_folder import RunFolder
-    from pretrain.signals import REQUEUE_EXIT_CODE
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
@@ -43,10 +44,19 @@ def _launch_torchrun(args: argparse.Namespace, config, worker_module: str) -> in
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
            "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
            "-m", worker_module, args.config, *args.overrides]
-    code = subprocess.call(cmd, env=env)
-    # torchrun reports a worker's exit code 75 as a plain failure; rank 0's marker says what it was.
-    if code != 0 and RunFolder.of(config).interrupted_marker.exists():
-        return REQUEUE_EXIT_CODE
+    # Ctrl-C reaches torchrun too, which passes it on to the workers: they save and exit 130.
+    # This process only waits (a Python-level handler: torchrun does not inherit it).
+    import signal
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        code = subprocess.call(cmd, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # torchrun reports a worker's exit code (75, 130) as a plain failure; rank 0's marker says what it was.
+    marked = RunFolder.of(config).interrupted_exit_code()
+    if code != 0 and marked is not None:
+        return marked
     return code
 
 
@@ -90,9 +100,12 @@ def register(subparsers) -> None:
             "For several processes launch with torchrun: "
             "`torchrun --nproc_per_node N -m pretrain CONFIG [overrides]`. "
             "The same command started again resumes the run in logging.run_dir from its newest "
-            "complete checkpoint (checkpoint.resume=auto). Exit codes: 0 done (or stopped at "
-            "train.stop_after_step), 2 bad input or a diverged run, 75 stopped by SIGTERM/SIGUSR1 or "
-            "train.max_minutes with a checkpoint saved: run the same command again (docs/checkpoints.md)."
+            "complete checkpoint (checkpoint.resume=auto); a second run in the same folder is refused. "
+            "Exit codes: 0 done (or stopped at train.stop_after_step), 2 bad input, a busy run folder or "
+            "a diverged run, 74 a checkpoint or run-folder write failed (no space, read-only, permission, "
+            "I/O; the last complete checkpoint is intact), 75 stopped by SIGTERM/SIGUSR1 or "
+            "train.max_minutes with a checkpoint saved, 130 stopped by Ctrl-C with a checkpoint saved: run "
+            "the same command again to resume (docs/checkpoints.md)."
         ),
     )
     train.add_argument("config", help="YAML config file (see configs/)")

@@ -163,6 +163,10 @@ class CheckpointConfig:
     """Complete checkpoints kept, newest first (0: keep all)."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, forever (0: none)."""
+    keep_set_aside: int = 2
+    """Checkpoint directories set aside instead of overwritten (``stepN.replaced-T``: a complete
+    checkpoint that a resumed run passed again) kept, newest first; older ones are removed by
+    retention (`mesh ckpt list` shows their size, `mesh ckpt prune --set-aside` removes them all)."""
     log_spaced: bool = False
     """Also save and keep steps 1, 2, 4, 8, ... (Pythia's early checkpoints, for scaling-law studies)."""
     resume: str = "auto"
@@ -176,7 +180,7 @@ class CheckpointConfig:
     are written. Saves that end the run are always completed before exit."""
 
     def validate(self) -> None:
-        for name in ("save_interval", "keep_last", "keep_every"):
+        for name in ("save_interval", "keep_last", "keep_every", "keep_set_aside"):
             check_number(f"checkpoint.{name}", getattr(self, name), integer=True, ge=0)
         check_number("checkpoint.save_interval_minutes", self.save_interval_minutes, ge=0)
         if not self.resume:

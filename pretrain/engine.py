@@ -230,3 +230,16 @@ def build_engine(
     if plan.zero_stage == 0 and not bf16:
         install_zero0_grad_norm(engine)
     return engine, engine_scheduler
+
+
+def reapply_lr_schedule(engine, scheduler, lr: float) -> None:
+    """After loading a checkpoint: the schedule continues at the saved step with this run's
+    peak ``lr`` (the scheduler's own state would keep the saving run's), and the optimizer's
+    group LRs follow. With an unchanged config this recomputes exactly the saved LRs."""
+    from pretrain.compat import base_optimizer
+
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    values = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, value in zip(base_optimizer(engine).param_groups, values):
+        group["lr"] = value
+    scheduler._last_lr = values  # torch's LRScheduler keeps what get_last_lr() returns here

@@ -22,6 +22,9 @@ class TrainHooks:
         """True: multiply every micro-batch loss of this step by NaN (a numerical blow-up)."""
         return False
 
+    def before_evaluation(self, step: int) -> None:
+        """Before the validation pass at `step` (0: before training)."""
+
     def after_step(self, step: int) -> None:
         """After optimizer step `step`, before the checkpoint policy runs."""
 

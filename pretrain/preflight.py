@@ -26,5 +26,7 @@ def preflight(config: RunConfig, world_size: int, rank: int = 0) -> ParallelPlan
             "`mesh data train-tokenizer` or point at an existing .model / tokenizer.json"
         )
     check_data_prefixes(config.data)
-    RunFolder.of(config).check_start(config.checkpoint.resume)
+    folder = RunFolder.of(config)
+    folder.check_start(config.checkpoint.resume)
+    folder.check_writable()
     return plan

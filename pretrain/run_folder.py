@@ -8,21 +8,35 @@
       wandb/, wandb-run-id             the offline wandb run (one id across restarts)
       checkpoints/                     pretrain/checkpoint (unless checkpoint.dir says elsewhere)
       INTERRUPTED                      present while the run waits to be resumed (stopped by a signal
-                                       or a time limit): launchers requeue on it, since torchrun
-                                       reports a worker's exit code 75 as a plain failure
+                                       or a time limit), with the exit code: launchers requeue on
+                                       75, since torchrun reports a worker's exit code as a failure
+      .lock                            held by the running process (pretrain/run_lock.py)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from mesh_model.config import ConfigError
 from pretrain.checkpoint import format as ckpt_format
+from pretrain.checkpoint.protocol import describe_os_error
 from pretrain.signals import REQUEUE_EXIT_CODE
 
 INTERRUPTED = "INTERRUPTED"
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be written (one line; exit code 74 like a failed save)."""
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 class RunFolder:
@@ -66,16 +80,49 @@ class RunFolder:
                 )
 
     def write_config(self, config, resumed_at: Optional[int]) -> None:
-        """The first segment's config stays; a resumed segment's config is kept beside it."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """The first segment's config stays; a resumed segment's config is kept beside it.
+        Written to a temporary name and renamed: a full disk leaves no empty file behind."""
         if not self.holds_a_run():
-            config.save(self.config_file)
+            target = self.config_file
         elif resumed_at is not None:
-            config.save(self.path / f"config.resumed-step{resumed_at:07d}.yaml")
+            target = self.path / f"config.resumed-step{resumed_at:07d}.yaml"
+        else:
+            return
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            config.save(tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RunFolderError(f"cannot write {target}: {describe_os_error(err)}; free space or fix the folder, "
+                                 "then run the same command again") from None
 
     def clear_interrupted(self) -> None:
         self.interrupted_marker.unlink(missing_ok=True)
 
-    def mark_interrupted(self, why: str, step: int, checkpoint: Optional[str]) -> None:
+    def mark_interrupted(self, why: str, step: int, checkpoint: Optional[str], exit_code: int) -> None:
+        """``exit_code`` 75 asks a launcher to requeue; 130 (Ctrl-C) does not."""
         self.interrupted_marker.write_text(json.dumps(
-            {"signal": why, "step": step, "checkpoint": checkpoint, "exit_code": REQUEUE_EXIT_CODE}) + "\n")
+            {"signal": why, "step": step, "checkpoint": checkpoint, "exit_code": exit_code}) + "\n")
+
+    def interrupted_exit_code(self) -> Optional[int]:
+        """The exit code the marker records (None without a marker)."""
+        try:
+            return int(json.loads(self.interrupted_marker.read_text()).get("exit_code", REQUEUE_EXIT_CODE))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError):
+            return REQUEUE_EXIT_CODE
+
+    def check_writable(self) -> None:
+        """One-line RunFolderError if the run folder or the checkpoint folder cannot be written
+        (a read-only mount, missing permission): found before any training, not at the first save."""
+        for what, path in (("logging.run_dir", self.path), ("checkpoint.dir", self.checkpoints)):
+            existing = path
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not os.access(existing, os.W_OK | os.X_OK):
+                reason = "read-only file system" if _read_only(existing) else "permission denied"
+                raise RunFolderError(f"{what}={path} cannot be written ({reason} at {existing}); "
+                                     "choose a writable folder")

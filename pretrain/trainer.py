@@ -47,7 +47,7 @@ from pretrain.parallel.schedule import ReplicatedCoreGrads, run_schedule
 from pretrain.parallel.sequence_parallel import SequenceParallelGrads
 from pretrain.preflight import preflight
 from pretrain.run_folder import RunFolder
-from pretrain.signals import REQUEUE_EXIT_CODE
+from pretrain.run_lock import RunLock
 from pretrain.state import TrainState
 
 
@@ -71,10 +71,8 @@ class TrainResult:
     """Steps without an update (non-finite loss or gradient norm), over the whole run."""
     interrupted: Optional[str] = None
     """The signal that stopped the run early (a checkpoint was saved), if any."""
-
-    @property
-    def exit_code(self) -> int:
-        return REQUEUE_EXIT_CODE if self.interrupted else 0
+    exit_code: int = 0
+    """0, or the stop's code: 75 (requeue: SIGTERM, SIGUSR1, train.max_minutes), 130 (SIGINT)."""
 
     @property
     def final_eval(self) -> Optional[dict]:
@@ -88,12 +86,21 @@ class Trainer:
         self.ctx = None
         self.metrics = None
         self.checkpoints = None
+        self.lock = None
         self.plan = preflight(config, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
         self.folder = RunFolder.of(config)
         self.state = TrainState()
         self._poison = False
-        self.ctx = init_distributed(self.plan, seed=config.train.seed)
+        self.lock_note = None
+        if self.plan.rank == 0:  # one run per run folder (pretrain/run_lock.py)
+            self.lock = RunLock(self.folder.path)
+            try:
+                self.lock_note = self.lock.acquire()
+            except BaseException:
+                self.lock = None
+                raise
         try:
+            self.ctx = init_distributed(self.plan, seed=config.train.seed)
             self._build()
         except BaseException:
             self.close()
@@ -112,7 +119,8 @@ class Trainer:
             config, self.plan, self.device, engine=self.engine, scheduler=self.scheduler,
             log=self._log_line, save_point=self.hooks.save_point,
         )
-        self.resume_report, self.resume_notes = self.checkpoints.resume()
+        self.resumed = self.checkpoints.resume()
+        self.resume_report = self.resumed.report
         if self.resume_report is not None:
             self.state.load_state_dict(self.resume_report.counters)
         self._build_data()
@@ -168,15 +176,21 @@ class Trainer:
             self.folder.write_config(self.config, resumed_at)
             self.folder.clear_interrupted()
         metrics = MetricsLogger(self.config, self.folder, enabled=is_logger)
+        if self.lock_note:
+            metrics.line(self.lock_note)
+        for name in self.resumed.removed_partial:
+            metrics.line(f"removed the partial save {self.folder.checkpoints / name} (never loadable)")
         if self.resume_report is not None:
             report = self.resume_report
             why = "checkpoint.resume" if self.config.checkpoint.resume != "auto" else "the newest complete checkpoint"
             metrics.line(f"resuming from {report.path} at step {self.state.step} ({why}"
                          f"{', checksums verified' if self.config.checkpoint.verify_checksums else ''})")
-            for line in self.resume_notes:
+            for line in self.resumed.passed_over:
                 metrics.line(f"  passed over {line}")
             for note in report.notes:
                 metrics.line(f"  note: {note}")
+            for change in self.resumed.config_changes:
+                metrics.line(f"  config change: {change}")
             metrics.mark_resumed(self.state.step, str(report.path))
         metrics.line(optional_fast_paths())
         report = self.param_report
@@ -268,9 +282,9 @@ class Trainer:
         skips = SkipGuard(cfg.max_skipped_steps, self.metrics, self.checkpoints)
         throughput = Throughput()
         self.hooks.started()
-        if first == 0:
-            self._evaluate_and_log(0, result)
-        self.checkpoints.start()
+        self.checkpoints.start()  # the clock, and SIGTERM / SIGUSR1 / SIGINT are caught from here on
+        if first == 0 and self._evaluate_and_log(0, result):
+            return self._finish(result, progress=None)
         progress = self.metrics.progress(first, cfg.steps)
         for step in progress:
             self.hooks.before_step(step)
@@ -289,20 +303,26 @@ class Trainer:
             self.hooks.after_step(step)
             end = self.checkpoints.after_step(step, self.state)
             result.checkpoint = self.checkpoints.last_saved or result.checkpoint
-            if end.stop == "interrupted":
-                result.interrupted = end.interrupted_by
-                self._mark_interrupted(step, result)
-                break
             if end.stop == "stop_after_step":
                 self.metrics.line(f"stopped after step {step} (train.stop_after_step); "
                                   "run again without it to continue")
                 break
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
+            if not end.stop and cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 self._evaluate_and_log(step, result)
-        progress.close()
+                end = self.checkpoints.after_evaluation(step, self.state)  # a signal during it
+                result.checkpoint = self.checkpoints.last_saved or result.checkpoint
+            if end.stop == "interrupted":
+                result.interrupted, result.exit_code = end.interrupted_by, end.exit_code
+                self._mark_interrupted(step, result)
+                break
+        return self._finish(result, progress)
+
+    def _finish(self, result: TrainResult, progress) -> TrainResult:
+        if progress is not None:
+            progress.close()
         self.checkpoints.finish()
-        if self.state.step == cfg.steps and result.interrupted is None:
-            self._evaluate_and_log(cfg.steps, result)
+        if self.state.step == self.config.train.steps and result.interrupted is None:
+            self._evaluate_and_log(self.config.train.steps, result)
         if self.plan.rank == 0:
             write_loss_plot(self.folder, result.start_step, result.train_losses, result.evals)
         return result
@@ -320,21 +340,30 @@ class Trainer:
             **({"train/mfu": device_flops / peak} if peak else {}),
         })
 
-    def _evaluate_and_log(self, step: int, result: TrainResult) -> None:
+    def _evaluate_and_log(self, step: int, result: TrainResult) -> bool:
+        """Evaluates; True when the run was stopped at step 0 by a signal during it (fresh runs)."""
+        self.hooks.before_evaluation(step)
         evaluation = self.evaluate()
-        if evaluation is None:
-            return
-        result.evals.append({"step": step, **evaluation})
-        self.metrics.log(step, {"valid/loss": evaluation["loss"], "valid/ppl": evaluation["ppl"]})
-        self.metrics.line(f"step {step:>6}: validation loss {evaluation['loss']:.4f}, "
-                          f"perplexity {evaluation['ppl']:.2f}")
+        if evaluation is not None:
+            result.evals.append({"step": step, **evaluation})
+            self.metrics.log(step, {"valid/loss": evaluation["loss"], "valid/ppl": evaluation["ppl"]})
+            self.metrics.line(f"step {step:>6}: validation loss {evaluation['loss']:.4f}, "
+                              f"perplexity {evaluation['ppl']:.2f}")
+        if step != 0 or self.state.step != 0:
+            return False
+        end = self.checkpoints.after_evaluation(0, self.state)
+        if end.stop:
+            result.interrupted, result.exit_code = end.interrupted_by, end.exit_code
+            result.checkpoint = self.checkpoints.last_saved
+            self._mark_interrupted(0, result)
+        return bool(end.stop)
 
     def _mark_interrupted(self, step: int, result: TrainResult) -> None:
         if self.plan.rank != 0:
             return
-        self.folder.mark_interrupted(result.interrupted, step, result.checkpoint)
+        self.folder.mark_interrupted(result.interrupted, step, result.checkpoint, result.exit_code)
         self.metrics.line(f"stopped by {result.interrupted} after step {step}; checkpoint {result.checkpoint}; "
-                          f"exit code {REQUEUE_EXIT_CODE}: run the same command to resume")
+                          f"exit code {result.exit_code}: run the same command to resume")
 
     def close(self) -> None:
         if self.checkpoints is not None:
@@ -344,6 +373,9 @@ class Trainer:
         if self.ctx is not None:
             destroy_distributed()
             self.ctx = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class SkipGuard:

@@ -1,7 +1,8 @@
-"""`mesh ckpt list | verify | convert`: look after checkpoints without starting a run.
+"""`mesh ckpt list | verify | prune | convert`: look after checkpoints without starting a run.
 
     mesh ckpt list runs/x/checkpoints
     mesh ckpt verify runs/x/checkpoints            # every checkpoint's sha256 (exit 1 on damage)
+    mesh ckpt prune runs/x/checkpoints --set-aside # remove set-aside (replaced) directories
     mesh ckpt convert runs/x/checkpoints/step0001000 --to fp32 model.pt
     mesh ckpt convert runs/x/checkpoints/step0001000 --to layout --tensor 2 out/step0001000
 """
@@ -57,6 +58,28 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    aside = ckpt.list_set_aside(root)
+    if aside:
+        total = sum(a.size_bytes() for a in aside)
+        print(f"set aside: {len(aside)} director{'y' if len(aside) == 1 else 'ies'} ({', '.join(a.path.name for a in aside)}), "
+              f"{_human(total)}; `mesh ckpt prune {root} --set-aside` removes them")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise ckpt.CheckpointError(f"{root}: no such directory")
+    if args.keep_last is None and not args.set_aside:
+        raise ckpt.CheckpointError("nothing to prune: give --keep-last N (with --keep-every, --log-spaced) "
+                                   "and/or --set-aside")
+    removed = []
+    if args.keep_last is not None:
+        newest = max((i.step for i in ckpt.list_checkpoints(root) if i.complete), default=-1)
+        removed += ckpt.prune(root, args.keep_last, args.keep_every, args.log_spaced, protect=newest)
+    if args.set_aside:
+        removed += ckpt.prune_set_aside(root, keep=0)
+    print(f"{root}: removed {len(removed)}" + (f": {', '.join(removed)}" if removed else ""))
     return 0
 
 
@@ -64,6 +87,10 @@ def _verify(args: argparse.Namespace) -> int:
     infos = _roots_and_checkpoints(Path(args.dir))
     bad = 0
     for info in infos:
+        if not info.complete and (info.path / ckpt.META).exists():  # metadata there but unusable: damage
+            bad += 1
+            print(f"{info.name}: DAMAGED\n  {info.problem}")
+            continue
         if not info.complete:
             print(f"{info.name}: incomplete ({info.problem}); never loaded")
             continue
@@ -155,7 +182,7 @@ def convert_layout(source: Path, out: Path, tensor: int, overwrite: bool = False
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "ckpt", help="list, verify and convert training checkpoints",
+        "ckpt", help="list, verify, prune and convert training checkpoints",
         description="Inspect and convert the checkpoints `mesh train` writes (one directory per step, "
                     "complete once its meta.json exists).",
     )
@@ -171,6 +198,20 @@ def register(subparsers) -> None:
     p.add_argument("dir", help="a checkpoint root or one checkpoint")
     p.add_argument("--sizes-only", action="store_true", help="skip the sha256 (fast, catches truncation only)")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "prune", help="remove checkpoints a retention policy drops, and set-aside directories",
+        description="--keep-last N [--keep-every M] [--log-spaced]: keep what that policy keeps (the newest "
+                    "complete checkpoint always stays) and remove the rest, with interrupted saves older than "
+                    "the newest complete one. --set-aside: remove every stepN.replaced-* / stepN.interrupted-* "
+                    "directory (checkpoints set aside instead of being overwritten).",
+    )
+    p.add_argument("dir", help="a checkpoint root (e.g. runs/x/checkpoints)")
+    p.add_argument("--keep-last", type=int, default=None, metavar="N")
+    p.add_argument("--keep-every", type=int, default=0, metavar="M")
+    p.add_argument("--log-spaced", action="store_true", help="also keep steps 1, 2, 4, 8, ...")
+    p.add_argument("--set-aside", action="store_true", help="remove all set-aside directories")
+    p.set_defaults(func=_prune)
 
     p = sub.add_parser(
         "convert", help="to one fp32 state dict, or to another tensor-parallel layout",

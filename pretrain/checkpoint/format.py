@@ -56,11 +56,15 @@ from typing import Any, Iterable, Optional
 import torch
 
 FORMAT = "mesh-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: meta.json carries the sha256 of its own canonical content (`meta_sha256`). Version 1
+(without it) is still read; its metadata is not protected against edits."""
+READABLE_VERSIONS = (1, 2)
 META = "meta.json"
 LATEST = "latest"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step(\d{7,})$")
+_SET_ASIDE_DIR = re.compile(r"^step(\d{7,})\.(replaced|interrupted)-(\d+)$")
 
 # ModelConfig fields that do not change any parameter's shape or meaning: they
 # may differ between the run that saved and the run that resumes.
@@ -136,18 +140,24 @@ class CheckpointMeta:
     save_seconds: float = 0.0
     asynchronous: bool = False
     torch: str = ""
+    environment: dict = field(default_factory=dict)
+    """What can change round-off between runs: {"threads", "torch", "deepspeed", "megatron_core",
+    "python"} of the run that saved (rank 0)."""
+    tokenizer_sha256: Optional[str] = None
+    """The tokenizer file's sha256: a resume with another tokenizer is refused."""
     converted_from: Optional[str] = None
     """The checkpoint this one was rewritten from (`mesh ckpt convert --to layout`)."""
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        out = {"format": self.format, "version": self.version}
+        out = {"format": self.format, "version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             if f.name not in out:
                 out[f.name] = getattr(self, f.name)
         out["tensors"] = {k: dataclasses.asdict(v) for k, v in sorted(self.tensors.items())}
         out["files"] = {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())}
+        out["meta_sha256"] = _canonical_sha256(out)
         return json.dumps(out, indent=1) + "\n"
 
     @classmethod
@@ -171,6 +181,12 @@ class CheckpointMeta:
         return f"TP{lay['tensor']} PP{lay['pipeline']} DP{lay['data']} ZeRO{lay['zero_stage']}"
 
 
+def _canonical_sha256(data: dict) -> str:
+    """sha256 of a metadata dict without its own checksum, in one canonical JSON spelling."""
+    body = {k: v for k, v in data.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_meta(path: Path) -> CheckpointMeta:
     """meta.json of a checkpoint directory, or CheckpointError saying what is wrong with it."""
     meta_path = Path(path) / META
@@ -182,9 +198,15 @@ def read_meta(path: Path) -> CheckpointMeta:
         raise CheckpointError(f"{meta_path}: unreadable metadata ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} metadata file")
-    if data.get("version") != FORMAT_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{meta_path}: format version {data.get('version')}, this tool reads version {FORMAT_VERSION}"
+            f"{meta_path}: format version {data.get('version')}, this tool reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if data["version"] >= 2 and data.get("meta_sha256") != _canonical_sha256(data):
+        raise CheckpointError(
+            f"{meta_path}: its content does not match its own sha256 (meta_sha256): edited or damaged; "
+            "resume from another checkpoint"
         )
     return CheckpointMeta.from_dict(data, meta_path)
 
@@ -202,6 +224,12 @@ class CheckpointInfo:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def interrupted(self) -> bool:
+        """A save that never wrote its meta.json: never loadable, safe to delete. (A checkpoint
+        whose meta.json exists but does not verify is damaged: kept, passed over.)"""
+        return not self.complete and not (self.path / META).exists()
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -227,6 +255,33 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
     return sorted((inspect_dir(p) for p in dirs), key=lambda info: info.step)
+
+
+@dataclass
+class SetAside:
+    """A checkpoint directory moved aside (``stepN.replaced-T``: a complete checkpoint a resumed run
+    passed again; ``stepN.interrupted-T``: a partial save) instead of being overwritten."""
+
+    path: Path
+    step: int
+    kind: str
+    time: int
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def list_set_aside(root: str | Path) -> list[SetAside]:
+    """Set-aside checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        match = _SET_ASIDE_DIR.match(p.name)
+        if match and p.is_dir():
+            found.append(SetAside(p, int(match.group(1)), match.group(2), int(match.group(3))))
+    return sorted(found, key=lambda a: (a.time, a.step))
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -300,11 +355,16 @@ class _HashingWriter:
         self.f = f
         self.digest = hashlib.sha256()
         self.bytes = 0
+        self.os_error: Optional[OSError] = None
 
     def write(self, data) -> int:
         self.digest.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as err:  # torch's writer turns it into a RuntimeError without the errno
+            self.os_error = err
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -314,7 +374,12 @@ def save_file(obj: Any, path: Path) -> FileRecord:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.os_error is not None:
+                raise writer.os_error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return FileRecord(writer.bytes, writer.digest.hexdigest())
@@ -360,11 +425,14 @@ def retained_steps(steps: Iterable[int], keep_last: int, keep_every: int, keep_l
     return keep
 
 
-def prune(root: Path, keep_last: int, keep_every: int, keep_log_spaced: bool, protect: int) -> list[str]:
+def prune(root: Path, keep_last: int, keep_every: int, keep_log_spaced: bool, protect: int,
+          keep_set_aside: Optional[int] = None) -> list[str]:
     """Deletes what the policy does not keep; returns what it removed.
 
     Interrupted saves older than the newest complete checkpoint are removed too
     (they can never be loaded). ``protect`` (the step just saved) always stays.
+    Set-aside directories count in retention: the newest ``keep_set_aside`` stay
+    (None: all of them).
     """
     infos = list_checkpoints(root)
     complete = [i for i in infos if i.complete]
@@ -372,10 +440,42 @@ def prune(root: Path, keep_last: int, keep_every: int, keep_log_spaced: bool, pr
     newest = max((i.step for i in complete), default=-1)
     removed = []
     for info in infos:
-        stale = not info.complete and info.step < newest
+        stale = info.interrupted and info.step < newest
         if (info.complete and info.step not in keep) or stale:
             shutil.rmtree(info.path, ignore_errors=True)
             removed.append(info.name)
+    if keep_set_aside is not None:
+        removed += prune_set_aside(root, keep_set_aside)
+    return removed
+
+
+def prune_set_aside(root: Path, keep: int) -> list[str]:
+    """Removes all but the newest ``keep`` set-aside directories; returns what it removed."""
+    aside = list_set_aside(root)
+    removed = []
+    for old in aside[:max(0, len(aside) - keep)]:
+        shutil.rmtree(old.path, ignore_errors=True)
+        removed.append(old.path.name)
+    return removed
+
+
+def remove_partial_saves(root: Path) -> list[str]:
+    """Removes interrupted saves (step directories without meta.json: never loadable) and the
+    temporary files of interrupted metadata writes; returns what it removed."""
+    root = Path(root)
+    removed = []
+    for info in list_checkpoints(root):
+        if info.interrupted:
+            shutil.rmtree(info.path, ignore_errors=True)
+            removed.append(info.name)
+    for aside in list_set_aside(root):
+        if aside.kind == "interrupted":
+            shutil.rmtree(aside.path, ignore_errors=True)
+            removed.append(aside.path.name)
+    if root.is_dir():
+        for tmp in root.glob(f".{LATEST}.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
     return removed
 
 

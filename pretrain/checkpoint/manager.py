@@ -24,15 +24,18 @@ A new save reason is one branch in :meth:`_save_reason`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from mesh_model.config import ConfigError
 from pretrain.checkpoint import format as fmt
 from pretrain.checkpoint import protocol
-from pretrain.signals import StopRequests, signal_name
+from pretrain.engine import reapply_lr_schedule
+from pretrain.resume_policy import resume_changes
+from pretrain.signals import REQUEUE_EXIT_CODE, StopRequests, exit_code_for, signal_name
 
 
 @dataclass
@@ -40,10 +43,25 @@ class StepEnd:
     """What the loop does after a step: go on (``stop`` None) or stop."""
 
     stop: Optional[str] = None
-    """None, "interrupted" (a signal or train.max_minutes: exit 75, run again to resume)
-    or "stop_after_step"."""
+    """None, "interrupted" (a signal or train.max_minutes, a checkpoint saved: run again to
+    resume) or "stop_after_step"."""
     interrupted_by: Optional[str] = None
     """The signal name, or "train.max_minutes"."""
+    exit_code: int = 0
+    """75 (requeue) for SIGTERM / SIGUSR1 / train.max_minutes, 130 for SIGINT."""
+
+
+@dataclass
+class Resumed:
+    """What :meth:`CheckpointManager.resume` found and did."""
+
+    report: Optional[protocol.LoadReport] = None
+    passed_over: list = field(default_factory=list)
+    """One line per newer checkpoint it passed over, and why."""
+    config_changes: list = field(default_factory=list)
+    """One line per config field that differs from the saving run's (all applied)."""
+    removed_partial: list = field(default_factory=list)
+    """Interrupted saves removed before anything new is written."""
 
 
 class CheckpointManager:
@@ -60,38 +78,58 @@ class CheckpointManager:
         self.stop_requests = StopRequests()
         self.pending: Optional[protocol.PendingSave] = None
         self.last_saved: Optional[str] = None
+        self.last_saved_step: Optional[int] = None
         self.started = self.last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ resume
-    def resume(self) -> tuple[Optional[protocol.LoadReport], list[str]]:
-        """Loads the checkpoint to start from, if any (collective); returns its report and
-        one line per newer checkpoint passed over."""
+    def resume(self) -> Resumed:
+        """Loads the checkpoint to start from, if any (collective), after checking the config
+        changes against the resume policy; then removes interrupted saves (rank 0)."""
         decision = [None]
         if self.plan.rank == 0:
             decision[0] = self._choose(self.policy.resume)
         torch.distributed.broadcast_object_list(decision, src=0)
-        path, passed_over, error = decision[0]
+        path, passed_over, error, changes = decision[0]
         if error:
-            raise fmt.CheckpointError(error)
-        if path is None:
-            return None, passed_over
-        report = protocol.load(Path(path), engine=self.engine, scheduler=self.scheduler, plan=self.plan,
-                               model_config=self.config.model)
-        return report, passed_over
+            raise fmt.CheckpointError(error) if not error.startswith("config: ") else ConfigError(error[8:])
+        resumed = Resumed(passed_over=passed_over, config_changes=changes)
+        if path is not None:
+            resumed.report = protocol.load(Path(path), engine=self.engine, scheduler=self.scheduler,
+                                           plan=self.plan, model_config=self.config.model)
+            # Applied, not just claimed: the schedule restarts from the saved step with this config's LR.
+            reapply_lr_schedule(self.engine, self.scheduler, self.config.optim.lr)
+        if self.plan.rank == 0:
+            resumed.removed_partial = fmt.remove_partial_saves(self.root)
+        return resumed
 
-    def _choose(self, resume: str) -> tuple[Optional[str], list[str], Optional[str]]:
+    def _choose(self, resume: str) -> tuple[Optional[str], list[str], Optional[str], list[str]]:
         verify = self.policy.verify_checksums
         if resume == "none":
-            return None, [], None
+            return None, [], None, []
         if resume != "auto":
             problems = fmt.verify(resume, verify)
             if problems:
-                return None, [], f"checkpoint.resume={resume}: {problems[0]}"
-            return resume, [], None
+                return None, [], f"checkpoint.resume={resume}: {problems[0]}", []
+            return (resume, [], *self._config_check(Path(resume)))
         info, passed_over = fmt.choose_resume(self.root, verify)
         if info is None and passed_over:
-            return None, passed_over, f"no loadable checkpoint in {self.root}: " + "; ".join(passed_over)
-        return (str(info.path) if info else None), passed_over, None
+            return None, passed_over, f"no loadable checkpoint in {self.root}: " + "; ".join(passed_over), []
+        if info is None:
+            return None, passed_over, None, []
+        return (str(info.path), passed_over, *self._config_check(info.path))
+
+    def _config_check(self, path: Path) -> tuple[Optional[str], list[str]]:
+        """(error, change lines) of resuming this config from the checkpoint at ``path``."""
+        import yaml
+
+        meta = fmt.read_meta(path)
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            changes = resume_changes(saved, self.config.to_dict(), meta.tokenizer_sha256,
+                                     protocol._tokenizer_sha256(self.config))
+        except ConfigError as err:
+            return f"config: {err}", []
+        return None, changes
 
     def newest_complete(self) -> Optional[fmt.CheckpointInfo]:
         return fmt.choose_resume(self.root, checksums=False)[0]
@@ -126,10 +164,21 @@ class CheckpointManager:
             ends_run = bool(signum or out_of_time or stop_here or step == train.steps)
             self.save(step, state, reason, background=self.policy.async_save and not ends_run)
         if signum or out_of_time:
-            return StepEnd("interrupted", signal_name(signum) if signum else "train.max_minutes")
+            return StepEnd("interrupted", signal_name(signum) if signum else "train.max_minutes",
+                           exit_code_for(signum) if signum else REQUEUE_EXIT_CODE)
         if stop_here:
             return StepEnd("stop_after_step")
         return StepEnd()
+
+    def after_evaluation(self, step: int, state) -> StepEnd:
+        """A signal that arrived during an evaluation stops the run right after it (collective):
+        this step is saved (if it is not already) and the loop exits."""
+        signum, _, _, _ = self._agree(False, False)
+        if not signum:
+            return StepEnd()
+        if self.last_saved_step != step:
+            self.save(step, state, f"{signal_name(signum)} received", background=False)
+        return StepEnd("interrupted", signal_name(signum), exit_code_for(signum))
 
     def _save_reason(self, step: int, time_due: bool) -> str:
         """Why the checkpoint of this step is due ("" if it is not)."""
@@ -166,6 +215,7 @@ class CheckpointManager:
             save_point=self.save_point,
         )
         self.last_saved = str(self.pending.path)
+        self.last_saved_step = step
         self.last_save_time = time.monotonic()
         if not background:
             self.finish()
@@ -180,7 +230,8 @@ class CheckpointManager:
         if self.plan.rank != 0:
             return
         policy = self.policy
-        removed = fmt.prune(self.root, policy.keep_last, policy.keep_every, policy.log_spaced, protect=pending.step)
+        removed = fmt.prune(self.root, policy.keep_last, policy.keep_every, policy.log_spaced, protect=pending.step,
+                            keep_set_aside=policy.keep_set_aside)
         meta = fmt.read_meta(path)
         how = ", written in the background" if meta.asynchronous else ""
         self.log(f"step {pending.step:>6}: checkpoint {path} ({meta.reason}, {meta.save_seconds:.1f} s{how})"

@@ -23,6 +23,7 @@ pretrain/compat.py.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -39,8 +40,8 @@ import torch.distributed as dist
 from pretrain import compat
 from pretrain.checkpoint.format import (
     ADAM_KEYS, LATEST, META, CheckpointError, CheckpointMeta, FileRecord, TensorRecord, atomic_write_text,
-    bytes_record, check_model_compatible, file_cache, inspect_dir, load_file, read_meta, reshard, rng_file_name,
-    save_file, state_file_name, step_dir_name,
+    bytes_record, check_model_compatible, choose_resume, file_cache, inspect_dir, load_file, read_meta, reshard,
+    rng_file_name, save_file, state_file_name, step_dir_name,
 )
 
 if TYPE_CHECKING:
@@ -135,6 +136,52 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ============================================================================ failures
+class CheckpointSaveError(CheckpointError):
+    """A save that failed on some rank (no space, read-only, permission, I/O error): its partial
+    files are removed, the last complete checkpoint is intact."""
+
+
+_ERRNO_TEXT = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "I/O error",
+}
+
+
+def describe_os_error(err: BaseException) -> str:
+    """'no space left on device (writing /x/y)' for an OSError; the error itself otherwise."""
+    if isinstance(err, OSError) and err.errno is not None:
+        what = _ERRNO_TEXT.get(err.errno, err.strerror or os.strerror(err.errno))
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{what}{where}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
+
+def _raise_if_any_failed(error: Optional[BaseException], root: Path, path: Path) -> None:
+    """Collective: every rank learns whether any rank failed; then all raise the same one line,
+    after rank 0 removed the partial save."""
+    failed = [None] * dist.get_world_size()
+    dist.all_gather_object(failed, describe_os_error(error) if error is not None else None)
+    problems = [(r, e) for r, e in enumerate(failed) if e]
+    if not problems:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    rank, first = problems[0]
+    others = f" (and {len(problems) - 1} more rank(s))" if len(problems) > 1 else ""
+    latest = choose_resume(root, checksums=False)[0] if root.is_dir() else None
+    raise CheckpointSaveError(
+        f"saving checkpoint {path.name} failed: {first} on rank {rank}{others}; partial files removed; "
+        f"the last complete checkpoint {latest.path if latest else '(none)'} is intact: free space or fix "
+        "the folder, then run the same command to resume"
+    )
+
+
 # ============================================================================ save
 @dataclass
 class PendingSave:
@@ -189,19 +236,24 @@ def begin_save(
     """
     root = Path(root)
     path = root / step_dir_name(step)
+    error = None
     if plan.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            # Only reachable for an interrupted save of this step, or a run resumed
-            # from an older checkpoint that passes this step again: set the old one aside.
-            old = inspect_dir(path)
-            aside = path.with_name(f"{path.name}.{'replaced' if old.complete else 'interrupted'}-{int(time.time())}")
-            os.replace(path, aside)
-            if not old.complete:
-                shutil.rmtree(aside, ignore_errors=True)
-        (path / "state").mkdir(parents=True)
-        (path / "rng").mkdir()
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                # Only reachable for an interrupted save of this step, or a run resumed
+                # from an older checkpoint that passes this step again: set the old one aside.
+                old = inspect_dir(path)
+                kind = "replaced" if old.complete else "interrupted"
+                aside = path.with_name(f"{path.name}.{kind}-{int(time.time())}")
+                os.replace(path, aside)
+                if not old.complete:
+                    shutil.rmtree(aside, ignore_errors=True)
+            (path / "state").mkdir(parents=True)
+            (path / "rng").mkdir()
+        except OSError as err:
+            error = err
+    _raise_if_any_failed(error, root, path)  # also the barrier: no rank writes before the folder exists
     started = time.perf_counter()
 
     # This rank's share of the tensors (collective over DP for every parameter), as copies:
@@ -244,6 +296,8 @@ def begin_save(
             layout=plan.sizes(),
             model=run_config.model.to_dict(),
             reason=reason,
+            environment=environment(),
+            tokenizer_sha256=_tokenizer_sha256(run_config),
         )
     pending = PendingSave(root, path, step, plan, started, meta, _config_text(run_config), index, save_point)
 
@@ -269,11 +323,7 @@ def finish_save(pending: PendingSave) -> Path:
     """Waits for this rank's files, then rank 0 writes meta.json and moves ``latest`` (collective)."""
     if pending.thread is not None:
         pending.thread.join()
-    failed = [None] * dist.get_world_size()
-    dist.all_gather_object(failed, repr(pending.error) if pending.error else None)
-    errors = [f"rank {r}: {e}" for r, e in enumerate(failed) if e]
-    if errors:
-        raise CheckpointError(f"{pending.path}: saving failed ({'; '.join(errors)}); the previous checkpoint is intact")
+    _raise_if_any_failed(pending.error, pending.root, pending.path)
     rank = pending.plan.rank
     reports = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object((pending.files, pending.index), reports, dst=0)
@@ -286,17 +336,61 @@ def finish_save(pending: PendingSave) -> Path:
                     meta.tensors[name].shards.update(entry.shards)
                 else:
                     meta.tensors[name] = entry
-        (pending.path / "config.yaml").write_text(pending.config_text)
         meta.files["config.yaml"] = bytes_record(pending.config_text.encode())
         meta.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta.save_seconds = round(time.perf_counter() - pending.started, 3)
         meta.asynchronous = pending.thread is not None
         meta.torch = torch.__version__
-        atomic_write_text(pending.path / META, meta.to_json())
-        pending.save_point("meta", pending.step, pending.path, rank)
-        atomic_write_text(pending.root / LATEST, pending.path.name + "\n")
-    dist.barrier()
+        error = None
+        try:
+            (pending.path / "config.yaml").write_text(pending.config_text)
+            atomic_write_text(pending.path / META, meta.to_json())
+            pending.save_point("meta", pending.step, pending.path, rank)
+            atomic_write_text(pending.root / LATEST, pending.path.name + "\n")
+        except OSError as err:
+            error = err
+    else:
+        error = None
+    _raise_if_any_failed(error, pending.root, pending.path)
     return pending.path
+
+
+def environment() -> dict:
+    """What changes float round-off between two runs of the same layout: the thread count and the
+    library versions (a resume is bitwise exact only when they are the same)."""
+    import importlib.metadata
+    import platform
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "deepspeed": version("deepspeed"),
+            "megatron_core": version("megatron-core"), "python": platform.python_version()}
+
+
+def environment_notes(saved: dict) -> list[str]:
+    """One note if the saving run's threads or versions differ from this process's."""
+    if not saved:
+        return []
+    current = environment()
+    changed = [f"{key} {saved.get(key)} -> {current.get(key)}" for key in current
+               if key in saved and saved.get(key) != current.get(key)]
+    if not changed:
+        return []
+    return [f"this run differs from the one that saved ({', '.join(changed)}): the resume is exact only "
+            "to float round-off, not bitwise"]
+
+
+def _tokenizer_sha256(run_config) -> Optional[str]:
+    import hashlib
+
+    path = Path(run_config.data.tokenizer) if run_config.data.tokenizer else None
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _config_text(run_config) -> str:
@@ -326,7 +420,7 @@ class LoadReport:
 def load(path: Path, *, engine, scheduler, plan: "ParallelPlan", model_config) -> LoadReport:
     """Loads a checkpoint into an engine built for the plan's layout (collective)."""
     meta = read_meta(path)
-    notes = check_model_compatible(meta, model_config, path)
+    notes = check_model_compatible(meta, model_config, path) + environment_notes(meta.environment)
     saved = meta.layout
     same_layout = all(saved[k] == getattr(plan, k) for k in ("tensor", "pipeline", "data"))
 

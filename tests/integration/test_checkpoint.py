@@ -6,7 +6,7 @@ module; every test damages its own copy.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -124,8 +124,9 @@ def test_prune_removes_what_the_policy_drops_and_stale_partial_saves(root):
     for step in (6, 8):  # more complete checkpoints, copies of step 4 with their own step number
         target = root / ckpt.step_dir_name(step)
         shutil.copytree(root / "step0000004", target)
-        meta = json.loads((target / "meta.json").read_text())
-        (target / "meta.json").write_text(json.dumps({**meta, "step": step}))
+        # Through the format's own writer: meta.json carries a checksum of its content.
+        meta = ckpt.read_meta(target)
+        (target / "meta.json").write_text(dataclasses.replace(meta, step=step).to_json())
     partial = root / "step0000005"
     (partial / "state").mkdir(parents=True)
     removed = ckpt.prune(root, keep_last=2, keep_every=4, keep_log_spaced=False, protect=8)

@@ -17,6 +17,8 @@ when the hooks are built (library code reads none of them):
   inside the save. Points: ``files`` (this rank's state files written, the
   metadata not yet), ``meta`` (the metadata written, ``latest`` not yet moved).
 * ``MESH_CKPT_PAUSE_RANKS="0,1"``: the ranks that pause (default: all).
+* ``MESH_EVAL_DELAY=<seconds>``: before every validation pass after step 0, print
+  ``[faults] evaluating at step N`` and sleep: a window to signal a run inside an evaluation.
 * ``MESH_CKPT_SLOW=<seconds>``: at the ``files`` point of every save, touch
   ``<checkpoint>/.slow-rank<R>``, sleep, remove it: a window for a test to
   signal a rank in the middle of a save.
@@ -41,9 +43,15 @@ class EnvFaults(TrainHooks):
         self.pause_point, self.pause_step = point, int(at_step) if at_step else None
         ranks = environ.get("MESH_CKPT_PAUSE_RANKS")
         self.pause_ranks = {int(r) for r in ranks.split(",")} if ranks else None
+        self.eval_delay = float(environ.get("MESH_EVAL_DELAY") or 0)
 
     def poison_step(self, step: int) -> bool:
         return step in self.nan_steps
+
+    def before_evaluation(self, step: int) -> None:
+        if self.eval_delay and step > 0:
+            print(f"[faults] evaluating at step {step}", file=sys.stderr, flush=True)
+            time.sleep(self.eval_delay)
 
     def after_step(self, step: int) -> None:
         if self.step_delay:
