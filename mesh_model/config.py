@@ -2,9 +2,11 @@
 
 The layer split uses the paper's notation `L_pre + L_core R N_loop + L_coda`
 (for example `4+8R2+4`: 4 prelude layers, an 8-layer core looped twice, 4 coda
-layers; 24 layers of compute). A plain number (`24`) is a vanilla,
-non-recursive stack. The split, the variant and the buffer size live here and
-nowhere else; everything downstream reads the derived properties.
+layers; 24 layers of compute). A lowercase `x` instead of `R` (`4+8x2+4`) gives
+each loop its own, unshared copy of the core block: the same program and compute,
+no weight sharing (the paper's vanilla+mesh with variant mesh). A plain number
+(`24`) is a vanilla, non-recursive stack. The split, the variant and the buffer
+size live here and nowhere else; everything downstream reads the derived properties.
 
 Every field is validated in `__post_init__`, so a bad config fails before any
 tensor is allocated, with one line that names the field.
@@ -25,7 +27,7 @@ VARIANTS = ("vanilla", "base", "residual", "anchor", "anchor_emb", "mesh")
 recurrences h(t+1) = f_core(h(t)) + h_sup(t) with h_sup = none / h(t) / h0 /
 h_emb (the paper's anchor*). mesh: the memory buffer with step-wise routers."""
 
-_RECURSIVE_SPLIT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[Rr]\s*(-?\d+)\s*\+\s*(\d+)\s*$")
+_RECURSIVE_SPLIT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*([Rrx])\s*(-?\d+)\s*\+\s*(\d+)\s*$")
 _PLAIN_SPLIT = re.compile(r"^\s*(\d+)\s*$")
 
 
@@ -84,6 +86,9 @@ class LayerSplit:
     core: int
     loops: int
     coda: int
+    shared: bool = True
+    """True (`R`): one core block applied N_loop times. False (`x`): N_loop unshared copies of
+    the core block, one per loop (the paper's vanilla+mesh); same program, same compute."""
 
     @property
     def compute_depth(self) -> int:
@@ -91,9 +96,21 @@ class LayerSplit:
         return self.prelude + self.core * self.loops + self.coda
 
     @property
+    def core_copies(self) -> int:
+        """Distinct core blocks: 1 when shared, N_loop when unshared (0 without a core)."""
+        if not self.is_recursive:
+            return 0
+        return 1 if self.shared else self.loops
+
+    @property
+    def unique_core_layers(self) -> int:
+        """Core layers with their own weights: L_core, or L_core * N_loop when unshared."""
+        return self.core * self.core_copies
+
+    @property
     def unique_layers(self) -> int:
         """Layers with their own weights."""
-        return self.prelude + self.core + self.coda
+        return self.prelude + self.unique_core_layers + self.coda
 
     @property
     def is_recursive(self) -> bool:
@@ -102,20 +119,22 @@ class LayerSplit:
     def __str__(self) -> str:
         if not self.is_recursive:
             return str(self.prelude)
-        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
+        return f"{self.prelude}+{self.core}{'R' if self.shared else 'x'}{self.loops}+{self.coda}"
 
 
 def parse_layer_split(text: str | int) -> LayerSplit:
-    """`"4+8R2+4"` -> LayerSplit(4, 8, 2, 4); `"24"` -> LayerSplit(24, 0, 0, 0)."""
+    """`"4+8R2+4"` -> LayerSplit(4, 8, 2, 4); `"4+8x2+4"` -> LayerSplit(4, 8, 2, 4, shared=False);
+    `"24"` -> LayerSplit(24, 0, 0, 0)."""
     text = str(text)
     if m := _PLAIN_SPLIT.match(text):
         return LayerSplit(int(m.group(1)), 0, 0, 0)
     if m := _RECURSIVE_SPLIT.match(text):
-        pre, core, loops, coda = (int(g) for g in m.groups())
-        return LayerSplit(pre, core, loops, coda)
+        pre, core, kind, loops, coda = m.groups()
+        return LayerSplit(int(pre), int(core), int(loops), int(coda), shared=kind in "Rr")
     raise ConfigError(
-        f"model.layer_split={text!r} is not of the form L_pre+L_coreRN_loop+L_coda "
-        "(e.g. '4+8R2+4') or a plain layer count for vanilla (e.g. '24')"
+        f"model.layer_split={text!r} is not of the form L_pre+L_coreRN_loop+L_coda (a shared core, "
+        "e.g. '4+8R2+4'), L_pre+L_corexN_loop+L_coda (unshared core copies, e.g. '4+8x2+4') "
+        "or a plain layer count for vanilla (e.g. '24')"
     )
 
 
@@ -236,7 +255,7 @@ class ModelConfig:
             if not split.is_recursive:
                 raise ConfigError(
                     f"model.variant={self.variant!r} needs a recursive model.layer_split such as "
-                    f"'4+8R2+4', got {self.layer_split!r}"
+                    f"'4+8R2+4' (or '4+8x2+4' for unshared core copies), got {self.layer_split!r}"
                 )
             if split.loops < 1:
                 raise ConfigError(

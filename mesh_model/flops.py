@@ -4,7 +4,8 @@
 
 N_compute is the parameters applied to every token: each compute layer of the
 unrolled program (a core layer counts once per loop, since its weights do the
-work N_loop times), the MeSH routers (one write/read pair per step, N_loop + 1
+work N_loop times; an unshared core `4+8x2+4` has one copy per loop, the same
+count), the MeSH routers (one write/read pair per step, N_loop + 1
 steps), the final norm and the output head. The input embedding is a lookup,
 not a matmul, so it is left out. 6 = 2 FLOPs per multiply-add x (forward +
 2 x backward). The second term is attention's two s x s matmuls (scores and

@@ -5,7 +5,8 @@
       -> prelude (L_pre GPT-NeoX layers)              p       [s, b, h]
       -> recurrence over the shared core block         h(N)    [s, b, h]
          (N_loop applications of L_core layers; how the state is carried
-          between loops is the variant, see recurrence.py)
+          between loops is the variant, see recurrence.py; an unshared
+          split `4+8x2+4` runs its own core copy per loop instead)
       -> coda (L_coda layers) -> final LayerNorm
       -> ColumnParallelLinear head (untied)           logits  [s, b, V/tp]
       -> vocab-parallel cross entropy                 loss    [b, s]
@@ -178,13 +179,15 @@ class MeshLanguageModel(LanguageModule):
             use_cpu_initialization=config.use_cpu_initialization,
         )
 
-        # Layer numbers are unique per *distinct* layer: prelude 1.., core next, coda last.
+        # Layer numbers are unique per *distinct* layer: prelude 1.., core next (every copy of
+        # an unshared core: index t * L_core + i), coda last.
         def block_indices(block: str) -> list[int]:
             return sorted({op.index for op in self.ops if op.kind == "layer" and op.block == block})
 
         self.prelude = LayerStack(config, layer_spec, block_indices("prelude"), 1, seed)
         self.core = LayerStack(config, layer_spec, block_indices("core"), 1 + split.prelude, seed)
-        self.coda = LayerStack(config, layer_spec, block_indices("coda"), 1 + split.prelude + split.core, seed)
+        self.coda = LayerStack(config, layer_spec, block_indices("coda"), 1 + split.prelude + split.unique_core_layers,
+                               seed)
 
         if self.post_process:
             self.final_layernorm = build_module(

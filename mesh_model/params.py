@@ -5,7 +5,9 @@ init compute), so the report can never drift from the implementation. The
 paper's convention: "non-embedding" excludes the input embedding and the
 output head; it includes every layer, the final LayerNorm and the routers.
 `analytic_non_embedding` is the closed form, used as a cross-check:
-12 h^2 + 13 h per GPT-NeoX layer, 2 h for the final LayerNorm, and
+12 h^2 + 13 h per GPT-NeoX layer with its own weights (an unshared core
+`4+8x2+4` has L_core * N_loop of them, so its layers count as the vanilla model's of
+the same compute depth), 2 h for the final LayerNorm, and
 (N_loop + 1) * 2 * (h * B + B) for the MeSH routers.
 """
 

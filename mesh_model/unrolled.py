@@ -8,11 +8,18 @@ A `4+8R2+4` model is, as a program, a straight line of operations:
     loop_start 1, layer core.0 .. core.7, loop_end 1
     layer coda.0 .. layer coda.3
 
+With an unshared core (`4+8x2+4`, the paper's vanilla+mesh) the program is the
+same, but loop t runs its own copy of the core: its layer i is the distinct
+module `core.<t * L_core + i>` (loop 1 above runs core.8 .. core.15), with its
+own layer number and init seed. The recurrence events (the MeSH buffer and
+routers) sit at the same block boundaries either way.
+
 The single-process model runs the whole list. Pipeline parallelism cuts it
 into contiguous stages by layer count (evenly, or by an explicit layout); an
-event belongs to the stage of the layer before it (stage 0 if none). A core
-layer whose loops fall on several stages exists on each of them as a replica
-of the same weights; the trainer sums their gradients across those stages.
+event belongs to the stage of the layer before it (stage 0 if none). A shared
+core layer whose loops fall on several stages exists on each of them as a
+replica of the same weights; the trainer sums their gradients across those
+stages. Unshared core layers run once each, so they are never replicas.
 
 What crosses a stage boundary is the `RecurrentState`: the hidden state plus
 whichever recurrence fields are still needed after the cut (h_emb, h0, h(t),
@@ -36,7 +43,7 @@ from mesh_model.recurrence import EventFields, RecurrentState, recurrence_fields
 class Op:
     kind: str  # "layer" | "begin" | "loop_start" | "loop_end"
     block: Optional[str] = None  # layers: "prelude" | "core" | "coda"
-    index: Optional[int] = None  # layers: index within the block
+    index: Optional[int] = None  # layers: index within the block (unshared core: t * L_core + i)
     loop: Optional[int] = None  # core layers and loop events: the loop number
 
     def __str__(self) -> str:
@@ -51,7 +58,8 @@ def unrolled_ops(split: LayerSplit) -> list[Op]:
         ops.append(Op("begin"))
         for t in range(split.loops):
             ops.append(Op("loop_start", loop=t))
-            ops.extend(Op("layer", "core", i, loop=t) for i in range(split.core))
+            first = 0 if split.shared else t * split.core  # unshared: loop t has its own copy
+            ops.extend(Op("layer", "core", first + i, loop=t) for i in range(split.core))
             ops.append(Op("loop_end", loop=t))
         ops.extend(Op("layer", "coda", i) for i in range(split.coda))
     return ops

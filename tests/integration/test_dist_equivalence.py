@@ -39,6 +39,8 @@ VARIANT = {
        for v in ("base", "residual", "anchor", "anchor_emb")},
 }
 TIED = ["model.untie_embeddings=false"]
+# vanilla+mesh: MeSH over unshared core copies, one per loop (no weight sharing).
+VANILLA_MESH = ["model.variant=mesh", "model.layer_split=1+2x2+1", "model.num_layers=6"]
 
 
 def zero(stage: int) -> list[str]:
@@ -60,6 +62,7 @@ REFERENCES = {
     "residual-z1": VARIANT["residual"] + zero(1),
     "anchor-z3": VARIANT["anchor"] + zero(3),
     "anchor_emb-z1": VARIANT["anchor_emb"] + zero(1),
+    "vanilla_mesh-z2": VANILLA_MESH + zero(2),
 }
 RECORD_GRADS = {"mesh-z0", "mesh-z1", "mesh-z3", "mesh-tied-z1"}
 
@@ -77,6 +80,8 @@ LAYOUTS = {
     "residual-tp2-z1": (2, VARIANT["residual"] + TP2 + zero(1), "residual-z1", False),
     "anchor-dp2-z3": (2, VARIANT["anchor"] + zero(3), "anchor-z3", False),
     "anchor_emb-tp2-z1": (2, VARIANT["anchor_emb"] + TP2 + zero(1), "anchor_emb-z1", False),
+    "vanilla_mesh-tp2-z2": (2, VANILLA_MESH + TP2 + zero(2), "vanilla_mesh-z2", False),
+    "vanilla_mesh-dp2-z2": (2, VANILLA_MESH + zero(2), "vanilla_mesh-z2", False),
     "mesh-tp2dp2-z1": (4, MESH + TP2 + zero(1), "mesh-z1", True),
     "mesh-tp2dp2-z2": (4, MESH + TP2 + zero(2), "mesh-z2", False),
     "mesh-tp2dp2-z3": (4, MESH + TP2 + zero(3), "mesh-z3", True),

@@ -35,12 +35,15 @@ REFERENCES = {
     "mesh": MESH,
     "anchor_emb": ["model.variant=anchor_emb", *SPLIT],
     "residual": ["model.variant=residual", *SPLIT],
+    # vanilla+mesh: unshared core copies (no replicas across stages, no cross-stage gradient sum).
+    "vanilla_mesh": ["model.variant=mesh", "model.layer_split=1+2x2+1", *SPLIT[1:]],
     "mesh-fp32-long": MESH + [f"train.steps={BF16_STEPS}"],
 }
 # name -> (world size, overrides, reference)
 LAYOUTS = {
     "mesh-pp2": (2, MESH + ["parallel.pipeline=2"], "mesh"),
     "residual-pp2": (2, REFERENCES["residual"] + ["parallel.pipeline=2"], "residual"),
+    "vanilla_mesh-pp2": (2, REFERENCES["vanilla_mesh"] + ["parallel.pipeline=2"], "vanilla_mesh"),
     "mesh-pp3": (3, MESH + ["parallel.pipeline=3"], "mesh"),
     "anchor_emb-pp3": (3, REFERENCES["anchor_emb"] + ["parallel.pipeline=3"], "anchor_emb"),
     "mesh-pp4-layout": (4, MESH + ["parallel.pipeline=4", "parallel.pipeline_layout=[1,2,2,1]"], "mesh"),

@@ -39,8 +39,9 @@ def counted_flops(config, batch: int) -> int:
         dict(variant="anchor_emb", layer_split="1+2R2+1"),
         dict(variant="residual", layer_split="1+2R2+1", untie_embeddings=False),
         dict(variant="vanilla", layer_split="4", num_layers=4),
+        dict(variant="mesh", layer_split="1+2x2+1"),
     ],
-    ids=["mesh-1+2R2+1", "mesh-2+1R3+1-d64", "anchor_emb", "residual-tied", "vanilla"],
+    ids=["mesh-1+2R2+1", "mesh-2+1R3+1-d64", "anchor_emb", "residual-tied", "vanilla", "vanilla+mesh-1+2x2+1"],
 )
 def test_matmul_flops_match_torch_flop_counter(model_parallel, overrides):
     """Every matmul of forward + backward is accounted for, exactly: F_token minus the

@@ -90,7 +90,7 @@ def test_paper_splits():
         ({"buffer_slots": 1}, "model.buffer_slots"),
         ({"layer_split": "1+2R2+1", "num_layers": 7}, "model.num_layers"),
         ({"variant": "transformer-xl"}, "model.variant"),
-        ({"layer_split": "1+2x2+1"}, "model.layer_split"),
+        ({"layer_split": "1+2y2+1"}, "model.layer_split"),  # (1+2x2+1 is now vanilla+mesh's unshared core)
         ({"variant": "vanilla"}, "model.layer_split"),
         ({"variant": "base", "buffer_slots": 4}, "model.buffer_slots"),
     ],

@@ -91,6 +91,8 @@ def run_stages(stages, inputs):
         ("residual", "1+2R2+1", 4, None),
         ("base", "1+2R3+1", 4, None),
         ("vanilla", "5", 3, None),
+        ("mesh", "1+2x2+1", 2, None),  # vanilla+mesh: unshared core copies, one per loop
+        ("mesh", "1+2x2+1", 3, None),  # loop 0's core.1 and loop 1's core.2 on stage 1
     ],
 )
 def test_chained_stages_equal_the_whole_model(model_parallel, variant, split, pipeline, layout):
@@ -133,8 +135,10 @@ def test_chained_stages_equal_the_whole_model(model_parallel, variant, split, pi
     for name, param in whole.named_parameters():
         assert name in summed, f"{name} got no gradient on any stage"
         torch.testing.assert_close(summed[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
-    if pipeline >= 3 and variant != "vanilla":
+    if pipeline >= 3 and variant != "vanilla" and parse_layer_split(split).shared:
         assert max(copies.values()) >= 2, "expected a core layer replicated on several stages"
+    if not parse_layer_split(split).shared:
+        assert max(copies.values()) == 1, "an unshared core layer is on one stage only"
 
 
 @pytest.mark.parametrize("recompute", [["core"], ["core@1"], ["prelude", "core", "coda"]])
