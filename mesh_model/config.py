@@ -22,10 +22,42 @@ from pathlib import Path
 
 import yaml
 
-VARIANTS = ("vanilla", "base", "residual", "anchor", "anchor_emb", "mesh")
-"""vanilla: non-recursive stack. base/residual/anchor/anchor_emb: the fixed
-recurrences h(t+1) = f_core(h(t)) + h_sup(t) with h_sup = none / h(t) / h0 /
-h_emb (the paper's anchor*). mesh: the memory buffer with step-wise routers."""
+SUPPLEMENTS = ("residual", "anchor", "anchor_emb")
+"""What a fixed recurrence may add to f_core(h(t)): h(t), h0 (the prelude output) and h_emb
+(the embeddings, the paper's anchor*)."""
+
+LEARNED_COMBINATIONS = ("static_combination", "dynamic_combination")
+
+VARIANTS = ("vanilla", "base", *SUPPLEMENTS, "mesh", *LEARNED_COMBINATIONS)
+"""vanilla: non-recursive stack. base: h(t+1) = f_core(h(t)). A fixed recurrence adds a set of
+supplements, written joined by '+' in this order: residual, anchor, anchor_emb, anchor+anchor_emb,
+residual+anchor, residual+anchor+anchor_emb (the paper's Table 4) or any other non-empty set.
+static_combination / dynamic_combination: h(t+1) = a1 f_core(h(t)) + a2 h0 + a3 h_emb with learned
+coefficients per loop step (static: three scalars; dynamic: a linear map of h(t), per token).
+mesh: the memory buffer with step-wise routers."""
+
+
+def fixed_supplements(variant: str) -> tuple[str, ...] | None:
+    """The supplements of a fixed-recurrence variant ('base' -> (), 'residual+anchor' -> ...);
+    None for any other variant. ConfigError (one line) for an unknown or misordered name."""
+    if variant == "base":
+        return ()
+    names = tuple(variant.split("+"))
+    if not any(name in SUPPLEMENTS for name in names):
+        return None
+    unknown = [n for n in names if n not in SUPPLEMENTS]
+    if unknown:
+        raise ConfigError(
+            f"model.variant={variant!r}: unknown supplement {unknown[0]!r}; supplements are "
+            f"{', '.join(SUPPLEMENTS)}, joined by '+' (e.g. 'anchor+anchor_emb')"
+        )
+    canonical = tuple(n for n in SUPPLEMENTS if n in names)
+    if names != canonical:
+        raise ConfigError(
+            f"model.variant={variant!r}: write each supplement once, in the order {'+'.join(SUPPLEMENTS)} "
+            f"(here: {'+'.join(canonical)!r})"
+        )
+    return names
 
 _RECURSIVE_SPLIT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*([Rrx])\s*(-?\d+)\s*\+\s*(\d+)\s*$")
 _PLAIN_SPLIT = re.compile(r"^\s*(\d+)\s*$")
@@ -205,9 +237,10 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} does not divide "
                 f"model.hidden_size={self.hidden_size}; pick a head count that divides it"
             )
-        if self.variant not in VARIANTS:
+        if self.variant not in VARIANTS and fixed_supplements(self.variant) is None:
             raise ConfigError(
-                f"model.variant={self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}"
+                f"model.variant={self.variant!r} is unknown; choose one of {', '.join(VARIANTS)}, "
+                "or supplements joined by '+' (e.g. 'anchor+anchor_emb')"
             )
         self.split = parse_layer_split(self.layer_split)
         self._check_split()

@@ -59,10 +59,16 @@ def layer_params(config: ModelConfig) -> tuple[int, int]:
 
 
 def router_params(config: ModelConfig) -> tuple[int, int]:
-    """MeSH: N_loop + 1 (write, read) pairs of Linear(d -> B); (0, 0) for other variants."""
+    """MeSH: N_loop + 1 (write, read) pairs of Linear(d -> B); the dynamic combination: one
+    Linear(d -> 3) per loop; the static combination: 3 scalars per loop; (0, 0) otherwise."""
+    loops = config.split.loops
+    if config.variant == "dynamic_combination":
+        return loops * 3 * config.hidden_size, loops * 3
+    if config.variant == "static_combination":
+        return 0, loops * 3
     if config.variant != "mesh":
         return 0, 0
-    routers = (config.split.loops + 1) * 2
+    routers = (loops + 1) * 2
     return routers * config.hidden_size * config.buffer_slots, routers * config.buffer_slots
 
 

@@ -7,8 +7,9 @@ output head; it includes every layer, the final LayerNorm and the routers.
 `analytic_non_embedding` is the closed form, used as a cross-check:
 12 h^2 + 13 h per GPT-NeoX layer with its own weights (an unshared core
 `4+8x2+4` has L_core * N_loop of them, so its layers count as the vanilla model's of
-the same compute depth), 2 h for the final LayerNorm, and
-(N_loop + 1) * 2 * (h * B + B) for the MeSH routers.
+the same compute depth), 2 h for the final LayerNorm,
+(N_loop + 1) * 2 * (h * B + B) for the MeSH routers, and N_loop * 3 (static) or
+N_loop * 3 (h + 1) (dynamic) for the learned combinations' coefficients.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mesh_model.config import ConfigError, ModelConfig, read_yaml_mapping
 
 EMBEDDING_PREFIXES = ("embedding.", "output_layer.")
 ROUTER_MARKER = "recurrence.routers."
+COEFFICIENT_MARKER = "recurrence.coefficient"  # the learned combinations' scalars and maps
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class ParameterReport:
     total: int
     embedding: int
     routers: int
+    coefficients: int = 0
+    """The learned combinations' parameters (static: 3 per loop; dynamic: 3 (h + 1) per loop)."""
 
     @property
     def non_embedding(self) -> int:
@@ -37,7 +41,7 @@ class ParameterReport:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterReport:
-    total = embedding = routers = 0
+    total = embedding = routers = coefficients = 0
     for name, param in model.named_parameters():
         n = param.numel()
         total += n
@@ -45,7 +49,9 @@ def count_parameters(model: torch.nn.Module) -> ParameterReport:
             embedding += n
         elif ROUTER_MARKER in name:
             routers += n
-    return ParameterReport(total=total, embedding=embedding, routers=routers)
+        elif COEFFICIENT_MARKER in name:
+            coefficients += n
+    return ParameterReport(total=total, embedding=embedding, routers=routers, coefficients=coefficients)
 
 
 def analytic_non_embedding(config: ModelConfig) -> int:
@@ -58,7 +64,8 @@ def analytic_non_embedding(config: ModelConfig) -> int:
     if config.variant == "mesh":
         slots = config.buffer_slots
         routers = (config.split.loops + 1) * 2 * (h * slots + slots)
-    return layers + routers
+    coefficients = {"static_combination": 3, "dynamic_combination": 3 * (h + 1)}.get(config.variant, 0)
+    return layers + routers + coefficients * config.split.loops
 
 
 @contextlib.contextmanager
@@ -117,6 +124,8 @@ def format_report(name: str, config: ModelConfig, report: ParameterReport) -> st
         ("non-embedding", f"{report.non_embedding:,}"),
         ("routers", f"{report.routers:,}" + (f" (B={config.buffer_slots})" if config.variant == "mesh" else "")),
     ]
+    if report.coefficients:
+        rows.append(("coefficients", f"{report.coefficients:,} (learned combination, per loop step)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -12,6 +12,13 @@ Fixed recurrences (paper Sec. 2), h(0) = p and for t = 0 .. N_loop-1:
     anchor      h_sup = h0 = p           (the prelude output)
     anchor_emb  h_sup = h_emb            (the paper's anchor*)
 
+and any sum of them (the paper's Table 4), written joined by '+': anchor+anchor_emb gives
+h_sup = h0 + h_emb, residual+anchor+anchor_emb gives h(t) + h0 + h_emb.
+
+Learned combinations (Table 4): h(t+1) = a1 f_core(h(t)) + a2 h0 + a3 h_emb, with a(t) three
+trainable scalars per loop step (static_combination) or computed per token from h(t) by a small
+linear map (dynamic_combination); see LearnedCombination for the choices the paper leaves open.
+
 MeSH (paper Sec. 3): a buffer M of B slots, each [s, b, h].
 
     init          M_0 = h_emb, M_1..M_{B-1} = 0
@@ -53,7 +60,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from mesh_model.config import ModelConfig
+from mesh_model.config import LEARNED_COMBINATIONS, ModelConfig, fixed_supplements
 from mesh_model.seeding import seeded
 
 CoreStep = Callable[[torch.Tensor], torch.Tensor]
@@ -113,45 +120,120 @@ class Recurrence(nn.Module):
 
 
 class FixedRecurrence(Recurrence):
-    """base / residual / anchor / anchor_emb: h(t+1) = f_core(h(t)) + h_sup(t)."""
+    """base, residual, anchor, anchor_emb and their sums: h(t+1) = f_core(h(t)) + sum of the supplements.
 
-    SUPPLEMENT = {"base": None, "residual": "loop_input", "anchor": "anchor", "anchor_emb": "embeddings"}
+    `variant` names the supplements joined by '+' ("anchor+anchor_emb": h(t+1) = f_core(h(t)) +
+    h0 + h_emb); "base" has none.
+    """
+
+    FIELD_OF = {"residual": "loop_input", "anchor": "anchor", "anchor_emb": "embeddings"}
+    """Which RecurrentState field each supplement reads."""
 
     def __init__(self, variant: str, num_loops: int):
         super().__init__()
-        assert variant in self.SUPPLEMENT, variant
+        supplements = fixed_supplements(variant)
+        assert supplements is not None, variant
         self.variant = variant
+        self.supplements = supplements
         self.num_loops = num_loops
 
     @classmethod
     def fields_of(cls, variant: str) -> EventFields:
-        supplement = cls.SUPPLEMENT[variant]
+        supplements = fixed_supplements(variant)
         return {
-            "begin": ((), ("anchor",) if variant == "anchor" else ()),
-            "loop_start": ((), ("loop_input",) if variant == "residual" else ()),
-            "loop_end": ((supplement,) if supplement else (), ()),
+            "begin": ((), ("anchor",) if "anchor" in supplements else ()),
+            "loop_start": ((), ("loop_input",) if "residual" in supplements else ()),
+            "loop_end": (tuple(cls.FIELD_OF[name] for name in supplements), ()),
         }
 
     def fields(self) -> EventFields:
         return self.fields_of(self.variant)
 
-    def supplement(self, h: torch.Tensor, h0: torch.Tensor, h_emb: torch.Tensor):
-        return {"base": None, "residual": h, "anchor": h0, "anchor_emb": h_emb}[self.variant]
+    def supplement(self, h: torch.Tensor, h0: torch.Tensor, h_emb: torch.Tensor) -> Optional[torch.Tensor]:
+        """h_sup(t): the sum of the chosen supplements of h(t), h0 and h_emb (None for base)."""
+        values = {"residual": h, "anchor": h0, "anchor_emb": h_emb}
+        total = None
+        for name in self.supplements:
+            total = values[name] if total is None else total + values[name]
+        return total
 
     def begin(self, state: RecurrentState) -> None:
-        if self.variant == "anchor":
+        if "anchor" in self.supplements:
             state.anchor = state.hidden  # h0 = p
 
     def loop_start(self, t: int, state: RecurrentState) -> None:
-        if self.variant == "residual":
+        if "residual" in self.supplements:
             state.loop_input = state.hidden  # h(t)
 
     def loop_end(self, t: int, state: RecurrentState) -> None:
-        h_sup = self.supplement(state.loop_input, state.anchor, state.embeddings)
-        if h_sup is not None:
-            state.hidden = state.hidden + h_sup  # f_core(h(t)) + h_sup(t)
+        for name in self.supplements:  # f_core(h(t)) + h(t) + h0 + h_emb, those that are chosen
+            state.hidden = state.hidden + getattr(state, self.FIELD_OF[name])
         if state.trace is not None:
             state.trace.append({"step": t + 1, "hidden": state.hidden})
+
+
+class LearnedCombination(Recurrence):
+    """h(t+1) = a1 * f_core(h(t)) + a2 * h0 + a3 * h_emb, with learned coefficients per loop step.
+
+    static_combination (after Ng & Wang 2024): a(t) = (a1, a2, a3) are three trainable scalars of
+    loop step t. dynamic_combination: a(t) = a_init + W_t h(t) + b_t, computed per token from the
+    loop's input h(t) by a Linear(h -> 3) of loop step t, with no activation (coefficients of either
+    sign, as the static ones).
+
+    Choices the paper leaves open: the coefficients are per loop step (not shared across loops);
+    the static ones start at (1, 1, 0), i.e. the model starts as +anchor (the best single fixed
+    scheme); the dynamic map starts at W = 0, b = 0 around the same (1, 1, 0), so it starts as the
+    static model does. Parameters: 3 per loop (static), 3 (h + 1) per loop (dynamic).
+    """
+
+    INIT = (1.0, 1.0, 0.0)
+
+    def __init__(self, config: ModelConfig, loops: Optional[Iterable[int]] = None):
+        super().__init__()
+        assert config.variant in ("static_combination", "dynamic_combination"), config.variant
+        self.dynamic = config.variant == "dynamic_combination"
+        self.num_loops = config.split.loops
+        loops = range(self.num_loops) if loops is None else loops
+        if self.dynamic:
+            self.coefficient_maps = nn.ModuleDict()
+            for t in loops:  # a pipeline stage builds the maps of the loops it runs
+                linear = nn.Linear(config.hidden_size, 3)
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+                self.coefficient_maps[str(t)] = linear
+            self.register_buffer("init", torch.tensor(self.INIT), persistent=False)
+        else:
+            self.coefficients = nn.ParameterDict(
+                {str(t): nn.Parameter(torch.tensor(self.INIT)) for t in loops}
+            )
+
+    FIELDS: EventFields = {
+        "begin": ((), ("anchor",)),
+        "loop_start": ((), ("loop_input",)),
+        "loop_end": (("loop_input", "anchor", "embeddings"), ()),
+    }
+
+    def fields(self) -> EventFields:
+        return self.FIELDS
+
+    def coefficients_of(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        """a(t): [3] (static) or [s, b, 3] (dynamic, per token from h(t) [s, b, h])."""
+        if self.dynamic:
+            return (self.init.to(h.dtype) + self.coefficient_maps[str(t)](h))
+        return self.coefficients[str(t)].to(h.dtype)
+
+    def begin(self, state: RecurrentState) -> None:
+        state.anchor = state.hidden  # h0 = p
+
+    def loop_start(self, t: int, state: RecurrentState) -> None:
+        state.loop_input = state.hidden  # h(t): the dynamic coefficients are computed from it
+
+    def loop_end(self, t: int, state: RecurrentState) -> None:
+        a = self.coefficients_of(t, state.loop_input)
+        a1, a2, a3 = a[..., 0:1], a[..., 1:2], a[..., 2:3]  # [1] or [s, b, 1]: broadcast over h
+        state.hidden = a1 * state.hidden + a2 * state.anchor + a3 * state.embeddings
+        if state.trace is not None:
+            state.trace.append({"step": t + 1, "hidden": state.hidden, "coefficients": a})
 
 
 class MeshRouters(nn.Module):
@@ -247,6 +329,8 @@ def recurrence_fields(config: ModelConfig) -> Optional[EventFields]:
         return None
     if config.variant == "mesh":
         return MeshRecurrence.FIELDS
+    if config.variant in LEARNED_COMBINATIONS:
+        return LearnedCombination.FIELDS
     return FixedRecurrence.fields_of(config.variant)
 
 
@@ -256,4 +340,8 @@ def build_recurrence(config: ModelConfig, router_steps: Optional[Iterable[int]] 
         return None
     if config.variant == "mesh":
         return MeshRecurrence(config, router_steps)
+    if config.variant in LEARNED_COMBINATIONS:
+        # Loop t's coefficients are used at its loop_end, which is router step t + 1.
+        loops = None if router_steps is None else [step - 1 for step in router_steps if step >= 1]
+        return LearnedCombination(config, loops)
     return FixedRecurrence(config.variant, config.split.loops)
