@@ -32,6 +32,8 @@ def results(demo_data, tmp_path_factory):
     single = [Run(f"{key}-ref", [f"model.variant={variant}", *SPLIT, "parallel.zero_stage=1"])
               for key, variant in VARIANTS.items()]
     single += [Run(f"train-{variant}", [f"model.variant={variant}", *SPLIT, "train.steps=8"]) for variant in TRAINED]
+    single.append(Run("train-vanilla_mesh", ["model.variant=mesh", "model.layer_split=1+2x2+1", "model.num_layers=6",
+                                             "train.steps=8"]))
     out = run_plan(1, single, demo_data, root / "world1")
     out.update(run_plan(2, [Run(f"{key}-{layout}", [f"model.variant={variant}", *SPLIT, *overrides])
                             for key, variant in VARIANTS.items() for layout, overrides in LAYOUTS.items()],
@@ -59,7 +61,7 @@ def test_learned_coefficients_are_trained_and_stay_identical_on_every_rank(resul
         assert run["replica_max_abs_diff"] == 0.0
 
 
-@pytest.mark.parametrize("variant", TRAINED)
+@pytest.mark.parametrize("variant", [*TRAINED, "vanilla_mesh"])
 def test_a_few_steps_of_training_lower_the_loss(results, variant):
     losses = results[f"train-{variant}"]["losses"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
