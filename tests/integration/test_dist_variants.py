@@ -10,8 +10,9 @@ over TP, on the stage that runs its loop under PP) at TP=2, PP=2 and DP=2 with Z
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.support.harness import Run, assert_equivalent, run_plan
+from tests.support.harness import BF16_STEPS, Run, assert_bf16_close_to_fp32, assert_equivalent, run_plan
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,15 @@ def results(demo_data, tmp_path_factory):
     single += [Run(f"train-{variant}", [f"model.variant={variant}", *SPLIT, "train.steps=8"]) for variant in TRAINED]
     single.append(Run("train-vanilla_mesh", ["model.variant=mesh", "model.layer_split=1+2x2+1", "model.num_layers=6",
                                              "train.steps=8"]))
+    # Stop after step 3 and resume: bitwise the uninterrupted run (the recurrence's own parameters included).
+    for key, variant, split in (("dynamic", "dynamic_combination", "1+2R2+1"), ("unshared", "mesh", "1+2x2+1")):
+        common = [f"model.variant={variant}", f"model.layer_split={split}", "model.num_layers=6", "train.steps=6"]
+        single += [Run(f"{key}-full", common), Run(f"{key}-first", [*common, "train.stop_after_step=3"]),
+                   Run(f"{key}-resumed", [*common, f"checkpoint.resume={root / 'world1' / f'{key}-first'}"
+                                                   "/checkpoints/step0000003"])]
+    # bf16 (ZeRO-1, fp32 master weights) against fp32, for the variant with parameters in the recurrence.
+    long = ["model.variant=dynamic_combination", *SPLIT, "parallel.zero_stage=1", f"train.steps={BF16_STEPS}"]
+    single += [Run("dynamic-fp32-long", long), Run("dynamic-bf16", [*long, "train.bf16=true"])]
     out = run_plan(1, single, demo_data, root / "world1")
     out.update(run_plan(2, [Run(f"{key}-{layout}", [f"model.variant={variant}", *SPLIT, *overrides])
                             for key, variant in VARIANTS.items() for layout, overrides in LAYOUTS.items()],
@@ -65,3 +75,15 @@ def test_learned_coefficients_are_trained_and_stay_identical_on_every_rank(resul
 def test_a_few_steps_of_training_lower_the_loss(results, variant):
     losses = results[f"train-{variant}"]["losses"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("key", ["dynamic", "unshared"])
+def test_stop_and_resume_is_bitwise_exact(results, key):
+    full, resumed = results[f"{key}-full"], results[f"{key}-resumed"]
+    assert len(resumed["losses"]) == 3 and resumed["losses"] == full["losses"][3:]
+    assert resumed["params"].keys() == full["params"].keys()
+    assert all(torch.equal(full["params"][n], resumed["params"][n]) for n in full["params"])
+
+
+def test_bf16_trains_close_to_fp32(results):
+    assert_bf16_close_to_fp32(results["dynamic-bf16"], results["dynamic-fp32-long"], "dynamic_combination bf16")
