@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -93,12 +93,9 @@ class Trainer:
         self._poison = False
         self.lock_note = None
         if self.plan.rank == 0:  # one run per run folder (pretrain/run_lock.py)
-            self.lock = RunLock(self.folder.path)
-            try:
-                self.lock_note = self.lock.acquire()
-            except BaseException:
-                self.lock = None
-                raise
+            lock = RunLock(self.folder.path)
+            self.lock_note = lock.acquire()
+            self.lock = lock
         try:
             self.ctx = init_distributed(self.plan, seed=config.train.seed)
             self._build()
@@ -117,13 +114,15 @@ class Trainer:
         )
         self.checkpoints = CheckpointManager(
             config, self.plan, self.device, engine=self.engine, scheduler=self.scheduler,
-            log=self._log_line, save_point=self.hooks.save_point,
+            tokenizer_sha256=self.tokenizer.sha256, log=self._log_line, save_point=self.hooks.save_point,
         )
         self.resumed = self.checkpoints.resume()
         self.resume_report = self.resumed.report
         if self.resume_report is not None:
             self.state.load_state_dict(self.resume_report.counters)
         self._build_data()
+        self.flops_per_token = token_flops(config.model).total  # the MFU numerator, per trained token
+        self.peak_flops = peak_flops(self.device, config.logging.peak_tflops)
         self.metrics = self._start_logging()
 
     # ----------------------------------------------------------------- construction
@@ -283,8 +282,13 @@ class Trainer:
         throughput = Throughput()
         self.hooks.started()
         self.checkpoints.start()  # the clock, and SIGTERM / SIGUSR1 / SIGINT are caught from here on
-        if first == 0 and self._evaluate_and_log(0, result):
-            return self._finish(result, progress=None)
+        progress = None
+        if first == 0:
+            self._evaluate_and_log(0, result)
+            end = self.checkpoints.after_evaluation(0, self.state)  # a signal during it
+            if end.stop:
+                self._stop(end, 0, result)
+                return self._finish(result, progress)
         progress = self.metrics.progress(first, cfg.steps)
         for step in progress:
             self.hooks.before_step(step)
@@ -294,7 +298,7 @@ class Trainer:
             self.state.advance(cfg.global_batch_size, applied)
             result.train_losses.append(loss)
             result.skipped_steps = self.state.skipped_steps
-            skips.record(step, applied, loss, self.engine.get_global_grad_norm(), self.state.skipped_steps)
+            skips.record(step, applied, loss, self.engine.get_global_grad_norm, self.state.skipped_steps)
             tokens_per_s = throughput.add(cfg.global_batch_size * self.config.model.seq_length)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % cfg.log_interval == 0 or step == cfg.steps:
@@ -302,7 +306,6 @@ class Trainer:
                 throughput.reset()
             self.hooks.after_step(step)
             end = self.checkpoints.after_step(step, self.state)
-            result.checkpoint = self.checkpoints.last_saved or result.checkpoint
             if end.stop == "stop_after_step":
                 self.metrics.line(f"stopped after step {step} (train.stop_after_step); "
                                   "run again without it to continue")
@@ -310,10 +313,8 @@ class Trainer:
             if not end.stop and cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 self._evaluate_and_log(step, result)
                 end = self.checkpoints.after_evaluation(step, self.state)  # a signal during it
-                result.checkpoint = self.checkpoints.last_saved or result.checkpoint
             if end.stop == "interrupted":
-                result.interrupted, result.exit_code = end.interrupted_by, end.exit_code
-                self._mark_interrupted(step, result)
+                self._stop(end, step, result)
                 break
         return self._finish(result, progress)
 
@@ -321,6 +322,7 @@ class Trainer:
         if progress is not None:
             progress.close()
         self.checkpoints.finish()
+        result.checkpoint = self.checkpoints.last_saved
         if self.state.step == self.config.train.steps and result.interrupted is None:
             self._evaluate_and_log(self.config.train.steps, result)
         if self.plan.rank == 0:
@@ -329,36 +331,29 @@ class Trainer:
 
     def _log_step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
-        device_flops = model_flops_per_device(token_flops(self.config.model).total, tokens_per_s,
-                                              self.plan.world_size)
-        peak = peak_flops(self.device, self.config.logging.peak_tflops)
+        device_flops = model_flops_per_device(self.flops_per_token, tokens_per_s, self.plan.world_size)
         self.metrics.log(step, {
             "train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
             "train/tokens": self.state.tokens(self.config.model.seq_length),
             "train/tflops_per_device": device_flops / 1e12,
-            **({"train/mfu": device_flops / peak} if peak else {}),
+            **({"train/mfu": device_flops / self.peak_flops} if self.peak_flops else {}),
         })
 
-    def _evaluate_and_log(self, step: int, result: TrainResult) -> bool:
-        """Evaluates; True when the run was stopped at step 0 by a signal during it (fresh runs)."""
+    def _evaluate_and_log(self, step: int, result: TrainResult) -> None:
         self.hooks.before_evaluation(step)
         evaluation = self.evaluate()
-        if evaluation is not None:
-            result.evals.append({"step": step, **evaluation})
-            self.metrics.log(step, {"valid/loss": evaluation["loss"], "valid/ppl": evaluation["ppl"]})
-            self.metrics.line(f"step {step:>6}: validation loss {evaluation['loss']:.4f}, "
-                              f"perplexity {evaluation['ppl']:.2f}")
-        if step != 0 or self.state.step != 0:
-            return False
-        end = self.checkpoints.after_evaluation(0, self.state)
-        if end.stop:
-            result.interrupted, result.exit_code = end.interrupted_by, end.exit_code
-            result.checkpoint = self.checkpoints.last_saved
-            self._mark_interrupted(0, result)
-        return bool(end.stop)
+        if evaluation is None:
+            return
+        result.evals.append({"step": step, **evaluation})
+        self.metrics.log(step, {"valid/loss": evaluation["loss"], "valid/ppl": evaluation["ppl"]})
+        self.metrics.line(f"step {step:>6}: validation loss {evaluation['loss']:.4f}, "
+                          f"perplexity {evaluation['ppl']:.2f}")
 
-    def _mark_interrupted(self, step: int, result: TrainResult) -> None:
+    def _stop(self, end, step: int, result: TrainResult) -> None:
+        """A signal or the time limit stopped the run after `step` (its checkpoint is saved)."""
+        result.interrupted, result.exit_code = end.interrupted_by, end.exit_code
+        result.checkpoint = self.checkpoints.last_saved
         if self.plan.rank != 0:
             return
         self.folder.mark_interrupted(result.interrupted, step, result.checkpoint, result.exit_code)
@@ -385,12 +380,16 @@ class SkipGuard:
         self.limit, self.metrics, self.checkpoints = limit, metrics, checkpoints
         self.streak = 0
 
-    def record(self, step: int, applied: bool, loss: float, grad_norm, skipped_total: int) -> None:
+    def record(self, step: int, applied: bool, loss: float, grad_norm: Callable[[], object],
+               skipped_total: int) -> None:
+        """After every step; raises TrainingDiverged at the limit. ``grad_norm`` is asked only
+        for a skipped step's message."""
         if applied:
             self.streak = 0
             return
         self.streak += 1
-        norm_text = f"{float(grad_norm):.4g}" if grad_norm is not None else "n/a"
+        norm = grad_norm()
+        norm_text = f"{float(norm):.4g}" if norm is not None else "n/a"
         self.metrics.line(f"step {step:>6}: loss {loss:.4g}, gradient norm {norm_text}: "
                           f"not finite, update skipped ({self.streak} in a row, "
                           f"train.max_skipped_steps={self.limit})")

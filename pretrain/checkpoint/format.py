@@ -76,6 +76,10 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: incomplete, damaged, or for another model."""
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def step_dir_name(step: int) -> str:
     return f"step{step:07d}"
 
@@ -232,7 +236,7 @@ class CheckpointInfo:
         return not self.complete and not (self.path / META).exists()
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return _dir_bytes(self.path)
 
     def layout(self) -> str:
         return self.meta.layout_text() if self.meta else "?"
@@ -268,7 +272,7 @@ class SetAside:
     time: int
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return _dir_bytes(self.path)
 
 
 def list_set_aside(root: str | Path) -> list[SetAside]:

@@ -65,13 +65,14 @@ class Resumed:
 
 
 class CheckpointManager:
-    def __init__(self, config, plan, device: torch.device, *, engine, scheduler,
+    def __init__(self, config, plan, device: torch.device, *, engine, scheduler, tokenizer_sha256: Optional[str],
                  log: Callable[[str], None], save_point: protocol.SavePoint):
         self.config = config
         self.policy = config.checkpoint
         self.plan = plan
         self.device = device
         self.engine, self.scheduler = engine, scheduler
+        self.tokenizer_sha256 = tokenizer_sha256
         self.log = log
         self.save_point = save_point
         self.root = Path(config.checkpoint.dir or Path(config.logging.run_dir) / "checkpoints")
@@ -87,14 +88,17 @@ class CheckpointManager:
         changes against the resume policy; then removes interrupted saves (rank 0)."""
         decision = [None]
         if self.plan.rank == 0:
-            decision[0] = self._choose(self.policy.resume)
+            try:
+                decision[0] = self._choose(self.policy.resume)
+            except (ConfigError, fmt.CheckpointError) as err:
+                decision[0] = err  # every rank raises the same one-line error
         torch.distributed.broadcast_object_list(decision, src=0)
-        path, passed_over, error, changes = decision[0]
-        if error:
-            raise fmt.CheckpointError(error) if not error.startswith("config: ") else ConfigError(error[8:])
+        if isinstance(decision[0], Exception):
+            raise decision[0]
+        path, passed_over, changes = decision[0]
         resumed = Resumed(passed_over=passed_over, config_changes=changes)
         if path is not None:
-            resumed.report = protocol.load(Path(path), engine=self.engine, scheduler=self.scheduler,
+            resumed.report = protocol.load(path, engine=self.engine, scheduler=self.scheduler,
                                            plan=self.plan, model_config=self.config.model)
             # Applied, not just claimed: the schedule restarts from the saved step with this config's LR.
             reapply_lr_schedule(self.engine, self.scheduler, self.config.optim.lr)
@@ -102,34 +106,32 @@ class CheckpointManager:
             resumed.removed_partial = fmt.remove_partial_saves(self.root)
         return resumed
 
-    def _choose(self, resume: str) -> tuple[Optional[str], list[str], Optional[str], list[str]]:
+    def _choose(self, resume: str) -> tuple[Optional[Path], list[str], list[str]]:
+        """(checkpoint to load or None, newer ones passed over, config changes); raises the
+        one-line error that stops the start."""
         verify = self.policy.verify_checksums
         if resume == "none":
-            return None, [], None, []
+            return None, [], []
         if resume != "auto":
             problems = fmt.verify(resume, verify)
             if problems:
-                return None, [], f"checkpoint.resume={resume}: {problems[0]}", []
-            return (resume, [], *self._config_check(Path(resume)))
+                raise fmt.CheckpointError(f"checkpoint.resume={resume}: {problems[0]}")
+            path = Path(resume)
+            return path, [], self._config_changes(path, fmt.read_meta(path))
         info, passed_over = fmt.choose_resume(self.root, verify)
         if info is None and passed_over:
-            return None, passed_over, f"no loadable checkpoint in {self.root}: " + "; ".join(passed_over), []
+            raise fmt.CheckpointError(f"no loadable checkpoint in {self.root}: " + "; ".join(passed_over))
         if info is None:
-            return None, passed_over, None, []
-        return (str(info.path), passed_over, *self._config_check(info.path))
+            return None, passed_over, []
+        return info.path, passed_over, self._config_changes(info.path, info.meta)
 
-    def _config_check(self, path: Path) -> tuple[Optional[str], list[str]]:
-        """(error, change lines) of resuming this config from the checkpoint at ``path``."""
+    def _config_changes(self, path: Path, meta: fmt.CheckpointMeta) -> list[str]:
+        """The resume policy's lines for this config against the one the checkpoint was saved
+        with; ConfigError for a refused change."""
         import yaml
 
-        meta = fmt.read_meta(path)
-        try:
-            saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-            changes = resume_changes(saved, self.config.to_dict(), meta.tokenizer_sha256,
-                                     protocol._tokenizer_sha256(self.config))
-        except ConfigError as err:
-            return f"config: {err}", []
-        return None, changes
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        return resume_changes(saved, self.config.to_dict(), meta.tokenizer_sha256, self.tokenizer_sha256)
 
     def newest_complete(self) -> Optional[fmt.CheckpointInfo]:
         return fmt.choose_resume(self.root, checksums=False)[0]
@@ -212,7 +214,7 @@ class CheckpointManager:
         self.pending = protocol.begin_save(
             self.root, step, engine=self.engine, scheduler=self.scheduler, plan=self.plan,
             run_config=self.config, counters=state.state_dict(), reason=reason, background=background,
-            save_point=self.save_point,
+            tokenizer_sha256=self.tokenizer_sha256, save_point=self.save_point,
         )
         self.last_saved = str(self.pending.path)
         self.last_saved_step = step

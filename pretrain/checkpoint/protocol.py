@@ -226,6 +226,7 @@ def begin_save(
     counters: dict,
     reason: str = "",
     background: bool = False,
+    tokenizer_sha256: Optional[str] = None,
     save_point: SavePoint = _no_save_point,
 ) -> PendingSave:
     """Captures this step's state (collective) and writes this rank's files, in a background
@@ -297,7 +298,7 @@ def begin_save(
             model=run_config.model.to_dict(),
             reason=reason,
             environment=environment(),
-            tokenizer_sha256=_tokenizer_sha256(run_config),
+            tokenizer_sha256=tokenizer_sha256,
         )
     pending = PendingSave(root, path, step, plan, started, meta, _config_text(run_config), index, save_point)
 
@@ -382,15 +383,6 @@ def environment_notes(saved: dict) -> list[str]:
         return []
     return [f"this run differs from the one that saved ({', '.join(changed)}): the resume is exact only "
             "to float round-off, not bitwise"]
-
-
-def _tokenizer_sha256(run_config) -> Optional[str]:
-    import hashlib
-
-    path = Path(run_config.data.tokenizer) if run_config.data.tokenizer else None
-    if path is None or not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _config_text(run_config) -> str:
