@@ -7,6 +7,9 @@
       loss.png                         the loss curve of the latest segment
       wandb/, wandb-run-id             the offline wandb run (one id across restarts)
       checkpoints/                     pretrain/checkpoint (unless checkpoint.dir says elsewhere)
+      COMPLETE                         written when the run reached train.steps: a JSON summary
+                                       (step, tokens, final validation loss, checkpoint); launchers
+                                       and sweeps skip such a run
       INTERRUPTED                      present while the run waits to be resumed (stopped by a signal
                                        or a time limit), with the exit code: launchers requeue on
                                        75, since torchrun reports a worker's exit code as a failure
@@ -26,6 +29,7 @@ from pretrain.checkpoint.protocol import describe_os_error
 from pretrain.signals import REQUEUE_EXIT_CODE
 
 INTERRUPTED = "INTERRUPTED"
+COMPLETE = "COMPLETE"
 
 
 class RunFolderError(OSError):
@@ -59,6 +63,10 @@ class RunFolder:
     @property
     def interrupted_marker(self) -> Path:
         return self.path / INTERRUPTED
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.path / COMPLETE
 
     def holds_a_run(self) -> bool:
         return self.config_file.exists()
@@ -98,13 +106,33 @@ class RunFolder:
             raise RunFolderError(f"cannot write {target}: {describe_os_error(err)}; free space or fix the folder, "
                                  "then run the same command again") from None
 
-    def clear_interrupted(self) -> None:
+    def clear_markers(self) -> None:
+        """A segment starts: the run is neither waiting to resume nor (if it trains on) finished."""
         self.interrupted_marker.unlink(missing_ok=True)
+        self.complete_marker.unlink(missing_ok=True)
 
     def mark_interrupted(self, why: str, step: int, checkpoint: Optional[str], exit_code: int) -> None:
         """``exit_code`` 75 asks a launcher to requeue; 130 (Ctrl-C) does not."""
         self.interrupted_marker.write_text(json.dumps(
             {"signal": why, "step": step, "checkpoint": checkpoint, "exit_code": exit_code}) + "\n")
+
+    def mark_complete(self, summary: dict) -> None:
+        """Written last, atomically: its presence means the run finished (a reader never sees half)."""
+        tmp = self.complete_marker.with_name(f".{COMPLETE}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+            os.replace(tmp, self.complete_marker)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RunFolderError(f"cannot write {self.complete_marker}: {describe_os_error(err)}") from None
+
+    def completion(self) -> Optional[dict]:
+        """The COMPLETE summary, or None if the run has not finished (or the marker is unreadable)."""
+        try:
+            summary = json.loads(self.complete_marker.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
 
     def interrupted_exit_code(self) -> Optional[int]:
         """The exit code the marker records (None without a marker)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -173,7 +174,7 @@ class Trainer:
         resumed_at = self.state.step if self.resume_report is not None else None
         if is_logger:
             self.folder.write_config(self.config, resumed_at)
-            self.folder.clear_interrupted()
+            self.folder.clear_markers()
         metrics = MetricsLogger(self.config, self.folder, enabled=is_logger)
         if self.lock_note:
             metrics.line(self.lock_note)
@@ -275,6 +276,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.config.train
         first = self.state.step
+        self.started_at = time.perf_counter()
         result = TrainResult(steps=cfg.steps, run_dir=str(self.folder.path), start_step=first,
                              resumed_from=str(self.resume_report.path) if self.resume_report else None,
                              skipped_steps=self.state.skipped_steps)
@@ -323,11 +325,22 @@ class Trainer:
             progress.close()
         self.checkpoints.finish()
         result.checkpoint = self.checkpoints.last_saved
-        if self.state.step == self.config.train.steps and result.interrupted is None:
+        finished = self.state.step == self.config.train.steps and result.interrupted is None
+        if finished:
             self._evaluate_and_log(self.config.train.steps, result)
         if self.plan.rank == 0:
             write_loss_plot(self.folder, result.start_step, result.train_losses, result.evals)
+            if finished:
+                self.folder.mark_complete(self._completion_summary(result))
         return result
+
+    def _completion_summary(self, result: TrainResult) -> dict:
+        final = result.evals[-1] if result.evals and result.evals[-1]["step"] == self.state.step else {}
+        return {"step": self.state.step, "tokens": self.state.tokens(self.config.model.seq_length),
+                "valid_loss": final.get("loss"), "valid_ppl": final.get("ppl"),
+                "skipped_steps": self.state.skipped_steps, "checkpoint": result.checkpoint,
+                "segment_seconds": round(time.perf_counter() - self.started_at, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _log_step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()

@@ -148,6 +148,7 @@ def test_signal_saves_exits_75_and_resumes_exactly(plans, demo_data, tmp_path, h
     code = finish(proc, log)
     assert code == REQUEUE_EXIT_CODE, f"exit code {code}:\n{tail(log)}"
     marker = json.loads((run_dir / "INTERRUPTED").read_text())
+    assert not (run_dir / "COMPLETE").exists()
     stopped = marker["step"]
     assert 2 <= stopped < 6 and marker["signal"] == how.split()[0]
     assert ckpt.list_checkpoints(run_dir / "checkpoints")[-1].step == stopped
@@ -158,6 +159,8 @@ def test_signal_saves_exits_75_and_resumes_exactly(plans, demo_data, tmp_path, h
     code = finish(start(cmd, log), log)
     assert code == 0, tail(log)
     assert not (run_dir / "INTERRUPTED").exists()
+    complete = json.loads((run_dir / "COMPLETE").read_text())
+    assert complete["step"] == 6 and complete["checkpoint"].endswith(ckpt.step_dir_name(6))
     assert f"resuming from {run_dir / 'checkpoints' / ckpt.step_dir_name(stopped)} at step {stopped}" in log.read_text()
     assert_same_weights(final_weights(run_dir), results["dp2-zero2-full"]["params"], how)
 

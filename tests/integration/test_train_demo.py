@@ -52,6 +52,12 @@ def test_demo_training_learns(demo_data, tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "loss.png"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "step0000040").is_dir()
+    # The COMPLETE marker summarises the finished run for launchers and sweeps.
+    import json
+    complete = json.loads((run_dir / "COMPLETE").read_text())
+    assert complete["step"] == 40 and complete["tokens"] == 40 * 16 * 128
+    assert complete["valid_loss"] == pytest.approx(valid[-1]["valid/loss"])
+    assert complete["checkpoint"].endswith("step0000040") and complete["segment_seconds"] > 0
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
 
