@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from mesh_model.config import LEARNED_COMBINATIONS, ModelConfig, fixed_supplements
+from mesh_model.router_stats import RouterStatistics
 from mesh_model.seeding import seeded
 
 CoreStep = Callable[[torch.Tensor], torch.Tensor]
@@ -256,14 +257,18 @@ class MeshRouters(nn.Module):
                     routers[str(step)] = linear
 
     @staticmethod
-    def _softmax(router: nn.Linear, query: torch.Tensor) -> torch.Tensor:
-        logits = router(query)  # [s, b, B]
-        return torch.softmax(logits.float(), dim=-1).to(query.dtype)
+    def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.softmax(logits.float(), dim=-1).to(dtype)
+
+    def logits(self, step: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write and read router logits of `step` for `query` [s, b, h]: two [s, b, B] tensors."""
+        key = str(step)
+        return self.write[key](query), self.read[key](query)
 
     def forward(self, step: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write and read weights of `step` for `query` [s, b, h]: two [s, b, B] tensors."""
-        key = str(step)
-        return self._softmax(self.write[key], query), self._softmax(self.read[key], query)
+        write_logits, read_logits = self.logits(step, query)
+        return self._softmax(write_logits, query.dtype), self._softmax(read_logits, query.dtype)
 
 
 class MeshRecurrence(Recurrence):
@@ -276,6 +281,8 @@ class MeshRecurrence(Recurrence):
         self.num_slots = config.buffer_slots
         steps = range(self.num_loops + 1) if router_steps is None else router_steps
         self.routers = MeshRouters(config.hidden_size, self.num_slots, steps, config.router_std, config.init_seed)
+        self.statistics: Optional[RouterStatistics] = None
+        """When set, every forward pass adds its router weights and final buffer to it (router_stats.py)."""
 
     FIELDS: EventFields = {
         "begin": (("embeddings",), ("buffer",)),
@@ -303,9 +310,17 @@ class MeshRecurrence(Recurrence):
 
     def _step(self, step: int, state: RecurrentState, query: torch.Tensor, value: torch.Tensor) -> None:
         """Write `value` into the buffer and read the next hidden state, routed by `query`."""
-        w_write, w_read = self.routers(step, query)
+        if self.statistics is None:
+            w_write, w_read = self.routers(step, query)
+        else:  # the same weights, and the logits they came from go to the statistics
+            write_logits, read_logits = self.routers.logits(step, query)
+            self.statistics.add_routers(step, write_logits, read_logits)
+            w_write = MeshRouters._softmax(write_logits, query.dtype)
+            w_read = MeshRouters._softmax(read_logits, query.dtype)
         state.buffer = self.write(state.buffer, value, w_write)
         state.hidden = self.read(state.buffer, w_read)
+        if self.statistics is not None and step == self.num_loops:  # the last write of the pass
+            self.statistics.add_buffer(state.buffer)
         if state.trace is not None:
             state.trace.append(
                 {"step": step, "buffer": state.buffer, "hidden": state.hidden, "write": w_write, "read": w_read}
