@@ -197,12 +197,22 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one device, for train/mfu. Default: the dense bf16 peak looked up
     from the GPU's name (pretrain/mfu.py); on CPU no MFU is logged."""
+    tensorboard: bool = False
+    """Also write every logged metric, the config and the parameter report as TensorBoard
+    events under <run_dir>/tensorboard (`tensorboard --logdir <run_dir>/tensorboard`)."""
+    router_stats_interval: Optional[int] = None
+    """MeSH models: every N optimizer steps, collect the router statistics (entropy, mean weight
+    per slot, effective slots, buffer slot norms; docs/diagnostics.md) over that step's tokens on
+    all ranks, log them as router/... and redraw router.png. 0 or null: off (no cost)."""
 
     def validate(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
         if self.peak_tflops is not None:
             check_number("logging.peak_tflops", self.peak_tflops, gt=0, note="TFLOP/s of one device")
+        if self.router_stats_interval is not None:
+            check_number("logging.router_stats_interval", self.router_stats_interval, integer=True, ge=0,
+                         note="steps between router statistics; 0 = off")
 
 
 @dataclass

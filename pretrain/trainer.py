@@ -34,6 +34,7 @@ from mesh_model.config import ConfigError
 from mesh_model.flops import flops_per_token as token_flops
 from mesh_model.model import build_model
 from mesh_model.params import count_parameters
+from mesh_model.router_stats import RouterStatistics, flat_metrics
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.compat import ScheduleModel, cuda_literals_unmapped, set_p2p_batching
 from pretrain.config import RunConfig
@@ -41,7 +42,8 @@ from pretrain.data import build_datasets, micro_batches
 from pretrain.engine import build_engine
 from pretrain.hooks import TrainHooks
 from pretrain.library_warnings import optional_fast_paths
-from pretrain.metrics import MetricsLogger, Throughput, write_loss_plot
+from pretrain.metrics import (MetricsLogger, Throughput, memory_metrics, parameter_report_dict, write_loss_plot,
+                              write_router_plot)
 from pretrain.mfu import model_flops_per_device, peak_flops
 from pretrain.parallel.distributed import destroy_distributed, init_distributed
 from pretrain.parallel.schedule import ReplicatedCoreGrads, run_schedule
@@ -123,6 +125,9 @@ class Trainer:
             self.state.load_state_dict(self.resume_report.counters)
         self._build_data()
         self.flops_per_token = token_flops(config.model).total  # the MFU numerator, per trained token
+        self.router_stats = self._router_statistics()
+        self.router_summary = None  # (step, summary) of the latest router statistics
+        self._router_plot_at = 0.0
         self.peak_flops = peak_flops(self.device, config.logging.peak_tflops)
         self.metrics = self._start_logging()
 
@@ -169,13 +174,19 @@ class Trainer:
         if plan.pipelined:
             self.schedule_model = ScheduleModel(self.engine, self.model.config)
 
+    def _router_statistics(self) -> Optional[RouterStatistics]:
+        """The accumulator of MeSH router statistics, on every rank (all take part in its reduction)."""
+        if not self.config.logging.router_stats_interval or self.config.model.variant != "mesh":
+            return None
+        return RouterStatistics.for_model(self.config.model, self.device)
+
     def _start_logging(self) -> MetricsLogger:
         is_logger = self.plan.rank == 0
         resumed_at = self.state.step if self.resume_report is not None else None
         if is_logger:
             self.folder.write_config(self.config, resumed_at)
             self.folder.clear_markers()
-        metrics = MetricsLogger(self.config, self.folder, enabled=is_logger)
+        metrics = MetricsLogger(self.config, self.folder, enabled=is_logger, resumed_at=resumed_at)
         if self.lock_note:
             metrics.line(self.lock_note)
         for name in self.resumed.removed_partial:
@@ -200,7 +211,21 @@ class Trainer:
             f"{report.routers:,} in routers) | {self.plan.describe()}, "
             f"device {self.device}, {'bf16' if self.config.train.bf16 else 'fp32'}"
         )
+        if self.config.logging.router_stats_interval and self.router_stats is None:
+            metrics.line(f"logging.router_stats_interval={self.config.logging.router_stats_interval} has no "
+                         f"effect: variant {self.config.model.variant} has no MeSH routers")
+        metrics.log_run_info(self.state.step, self.config.to_dict(), {
+            "this_rank": parameter_report_dict(report), "analytic_non_embedding": self._analytic_non_embedding()})
         return metrics
+
+    def _analytic_non_embedding(self) -> Optional[int]:
+        """The whole model's non-embedding parameters (closed form; None for a shape it does not cover)."""
+        from mesh_model.params import analytic_non_embedding
+
+        try:
+            return analytic_non_embedding(self.config.model)
+        except ValueError:
+            return None
 
     def _log_line(self, text: str) -> None:
         if self.metrics is not None:
@@ -295,7 +320,10 @@ class Trainer:
         for step in progress:
             self.hooks.before_step(step)
             lr = self.scheduler.get_last_lr()[0]
+            observe = self._observing_routers(step)
             loss = self.train_step(step)
+            if observe:
+                self._log_router_stats(step)
             applied = self.engine.was_step_applied()
             self.state.advance(cfg.global_batch_size, applied)
             result.train_losses.append(loss)
@@ -330,6 +358,8 @@ class Trainer:
             self._evaluate_and_log(self.config.train.steps, result)
         if self.plan.rank == 0:
             write_loss_plot(self.folder, result.start_step, result.train_losses, result.evals)
+            if self.router_summary is not None:
+                write_router_plot(self.folder, *self.router_summary)
             if finished:
                 self.folder.mark_complete(self._completion_summary(result))
         return result
@@ -349,9 +379,44 @@ class Trainer:
             "train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens_per_s,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
             "train/tokens": self.state.tokens(self.config.model.seq_length),
+            "train/samples": self.state.consumed_samples,
+            "train/skipped_steps": self.state.skipped_steps,
             "train/tflops_per_device": device_flops / 1e12,
             **({"train/mfu": device_flops / self.peak_flops} if self.peak_flops else {}),
+            **(memory_metrics(self.device) if self.plan.rank == 0 else {}),
         })
+
+    # ----------------------------------------------------------------- router statistics
+    ROUTER_PLOT_EVERY_S = 300.0
+    """router.png is redrawn at most this often during a segment (and at its end)."""
+
+    def _observing_routers(self, step: int) -> bool:
+        """Attaches the router statistics to this stage's recurrence for a step that collects them."""
+        if self.router_stats is None or step % self.config.logging.router_stats_interval:
+            return False
+        self.router_stats.reset()
+        if self.model.recurrence is not None:  # a pipeline stage without recurrence events has none
+            self.model.recurrence.statistics = self.router_stats
+        return True
+
+    def _log_router_stats(self, step: int) -> None:
+        """One SUM over all ranks (each pipeline stage holds its own router steps, each DP rank its
+        tokens; TP ranks count the same tokens alike, or their shares under sequence parallelism),
+        then rank 0 logs the means."""
+        if self.model.recurrence is not None:
+            self.model.recurrence.statistics = None
+        totals = self.router_stats.totals()
+        if self.plan.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        if self.plan.rank != 0:
+            return
+        summary = self.router_stats.summary()
+        self.metrics.log(step, flat_metrics(summary))
+        self.router_summary = (step, summary)
+        now = time.perf_counter()
+        if now - self._router_plot_at >= self.ROUTER_PLOT_EVERY_S:
+            write_router_plot(self.folder, step, summary)
+            self._router_plot_at = now
 
     def _evaluate_and_log(self, step: int, result: TrainResult) -> None:
         self.hooks.before_evaluation(step)

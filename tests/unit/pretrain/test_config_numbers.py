@@ -66,6 +66,7 @@ OUT_OF_RANGE: dict[str, tuple] = {
     "checkpoint.keep_every": (-1,),
     "checkpoint.keep_set_aside": (-1,),
     "logging.peak_tflops": (0, -989.0),
+    "logging.router_stats_interval": (-1,),
 }
 
 #: "section.field" -> why no value of its type is out of range (none so far).
