@@ -117,7 +117,7 @@ def spectrum_figure(entries: Labelled):
         states += [n for n in result["states"] if n not in states]
     cols = min(4, len(states))
     rows = -(-len(states) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
     for k, name in enumerate(states):
         ax = axes[k // cols][k % cols]
         for label, result in entries:
@@ -131,7 +131,8 @@ def spectrum_figure(entries: Labelled):
         ax.grid(alpha=0.3)
     for k in range(len(states), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    axes[0][0].set_ylabel("sigma_i / sigma_0")
+    for row in axes:
+        row[0].set_ylabel("sigma_i / sigma_0")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig

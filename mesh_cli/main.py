@@ -22,6 +22,7 @@ _REGISTRARS = [
     "data_prep.cli",
     "pretrain.cli",
     "pretrain.checkpoint.cli",
+    "analysis.cli",
     "sweep.cli",
 ]
 
