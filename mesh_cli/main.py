@@ -23,6 +23,7 @@ _REGISTRARS = [
     "pretrain.cli",
     "pretrain.checkpoint.cli",
     "analysis.cli",
+    "slurm.cli",
     "sweep.cli",
 ]
 
