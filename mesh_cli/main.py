@@ -25,6 +25,7 @@ _REGISTRARS = [
     "analysis.cli",
     "slurm.cli",
     "sweep.cli",
+    "mesh_hf.cli",
 ]
 
 
