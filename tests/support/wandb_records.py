@@ -9,6 +9,7 @@ each full record is one ``wandb_internal_pb2.Record`` protobuf.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -31,6 +32,8 @@ def records(path: Path):
         if kind == 0 and length == 0:
             offset += room
             continue
+        if offset + HEADER + length > len(data):  # still being written
+            return
         payload = data[offset + HEADER: offset + HEADER + length]
         offset += HEADER + length
         pending = payload if kind in (1, 2) else pending + payload
@@ -41,13 +44,24 @@ def records(path: Path):
             pending = b""
 
 
-def read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path, timeout_s: float = 30.0) -> dict:
     """{"history": [{key: value} per logged row], "config": {key: value}} of the one offline run in
-    ``<run_dir>/wandb``."""
+    ``<run_dir>/wandb``.
+
+    wandb's core service writes the file in its own process, and ``run.finish()`` can return
+    before the last records are on disk (measured: within the same second), so this waits for
+    the run's final "exit" record."""
     files = sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = list(records(files[0]))
+        if any(r.WhichOneof("record_type") == "exit" for r in found):
+            break
+        assert time.monotonic() < deadline, f"{files[0]}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
     history, config = [], {}
-    for record in records(files[0]):
+    for record in found:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
