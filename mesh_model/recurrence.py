@@ -50,6 +50,10 @@ Choices the paper leaves open, and what this implementation does:
 - The routers are plain `torch.nn.Linear`, replicated on every tensor-parallel
   rank: their input (the full hidden state) and the gradient reaching it are
   identical across TP ranks, so their gradients are too.
+
+Diagnostics: with `MeshRecurrence.statistics` set to a `RouterStatistics`
+(router_stats.py), every router call also adds its logits' statistics and the
+last write the buffer's slot norms; unset (the default) nothing extra runs.
 """
 
 from __future__ import annotations
