@@ -4,8 +4,10 @@ A Hugging Face `tokenizer.json` is written as it is. A sentencepiece BPE model (
 `mesh data train-tokenizer` makes) becomes a `tokenizers` BPE with the same pieces and merges:
 spaces become U+2581 as sentencepiece does, words and single digits are split the way its
 `split_by_whitespace` / `split_digits` options split them, unknown characters fall back to
-UTF-8 bytes. tests/unit/mesh_hf/test_tokenizer_files.py checks that both encode the demo corpus
-to the same ids.
+UTF-8 bytes. tests/unit/mesh_hf/test_formats.py checks that both encode the demo corpus (and
+whitespace, digits, accents, CJK, emoji) to the same ids. One difference is transformers' own
+convention and cannot be recorded in tokenizer.json: a special token written literally in the text
+("</s>") becomes that token, where training's tokenizer reads it as plain characters.
 """
 
 from __future__ import annotations
