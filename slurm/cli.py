@@ -69,9 +69,19 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_resource_flags(parser: argparse.ArgumentParser) -> None:
-    """The resource flags `mesh slurm submit` takes (a sweep file's `slurm:` section has the same fields)."""
-    g = parser.add_argument_group("resources")
+def add_resource_flags(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
+    """The resource flags `mesh slurm submit` takes (a sweep file's `slurm:` section has the same fields).
+    ``suppress_defaults``: only the flags given appear in the namespace (they override a sweep file)."""
+    group = parser.add_argument_group("resources")
+
+    class _Group:
+        @staticmethod
+        def add_argument(*names, **kwargs):
+            if suppress_defaults:
+                kwargs["default"] = argparse.SUPPRESS
+            return group.add_argument(*names, **kwargs)
+
+    g = _Group()
     g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     g.add_argument("--gpus-per-node", type=int, default=8, metavar="G",
                    help="GPUs per node, one training process each (default 8); 0 on a CPU-only cluster")

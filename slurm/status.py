@@ -95,8 +95,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
         if tasks:
             state = scheduler.job_state(job_id) or state
             restarts = max(restarts, sum(int(t.get("Restarts", 0) or 0) for t in tasks))
-    if state in ("UNKNOWN", "NOT SUBMITTED") or state not in scheduler.ACTIVE_STATES:
-        if completion is not None:
+    if state != "COMPLETED" and state not in scheduler.ACTIVE_STATES:
+        if completion is not None:  # the scheduler forgot the job, or the run finished in an earlier one
             state = "COMPLETE" if state in ("UNKNOWN", "NOT SUBMITTED") else f"{state} (run COMPLETE)"
         elif folder.interrupted_exit_code() is not None and state in ("UNKNOWN", "NOT SUBMITTED"):
             state = "INTERRUPTED"
