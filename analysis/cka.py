@@ -30,12 +30,15 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
 
 def rbf_gram(x: torch.Tensor) -> torch.Tensor:
     """exp(-d^2 / (2 sigma^2)), sigma = median pairwise distance of each [n, d] matrix (off the diagonal)."""
-    x = x.double()
-    gram = x @ x.transpose(-1, -2)
+    return rbf_from_linear(linear_gram(x))
+
+
+def rbf_from_linear(gram: torch.Tensor) -> torch.Tensor:
+    """The RBF Gram matrix from the linear one (d^2 = <x,x> + <x',x'> - 2 <x,x'>): one matmul for both kernels."""
     norms = gram.diagonal(dim1=-2, dim2=-1)
     squared = (norms.unsqueeze(-1) + norms.unsqueeze(-2) - 2 * gram).clamp_min(0)
-    n = x.shape[-2]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    n = gram.shape[-1]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=gram.device)
     median = squared[..., off_diagonal].median(dim=-1).values  # of d^2, i.e. the median distance squared
     median = median.clamp_min(torch.finfo(torch.float64).tiny)
     return torch.exp(-squared / (2 * median[..., None, None]))

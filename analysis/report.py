@@ -68,9 +68,9 @@ def analyze(loaded: LoadedCheckpoint, tokens: torch.Tensor, batch_size: int = 8,
                 spectra.setdefault(name, []).append(normalised_singular_values(state))
             states = list(captured.states.values())
             for b in range(batch.shape[0]):  # one sample at a time: n x n Gram matrices per state
-                per_state = [state[:, b] for state in states]
-                cka_samples["linear"].append(cka_.cka_matrix([cka_.linear_gram(x) for x in per_state]))
-                cka_samples["rbf"].append(cka_.cka_matrix([cka_.rbf_gram(x) for x in per_state]))
+                linear = [cka_.linear_gram(state[:, b]) for state in states]
+                cka_samples["linear"].append(cka_.cka_matrix(linear))
+                cka_samples["rbf"].append(cka_.cka_matrix([cka_.rbf_from_linear(g) for g in linear]))
             del captured, states
             if progress is not None:
                 progress(batch.shape[0])
