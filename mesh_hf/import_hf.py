@@ -225,8 +225,11 @@ def fresh_recurrence_tensors(model: ModelConfig) -> dict[str, torch.Tensor]:
 
 # ============================================================================ writing
 def write_checkpoint(tensors: dict[str, torch.Tensor], model: ModelConfig, out: Path, tensor_parallel: int,
-                     pipeline_parallel: int, tokenizer: Optional[Path], source: Path) -> Path:
-    """A step-0 checkpoint (no optimizer state) in pretrain/checkpoint's format, TP-sharded."""
+                     pipeline_parallel: int, tokenizer: Optional[Path], source: Path,
+                     adam_moments: bool = False) -> Path:
+    """A step-0 checkpoint (no optimizer state) in pretrain/checkpoint's format, TP-sharded.
+    `adam_moments` adds zero Adam moments beside each tensor, as a training checkpoint has them
+    (the conversion benchmark reads checkpoints of training's size)."""
     from pretrain.config import RunConfig
     from pretrain.state import TrainState
 
@@ -245,6 +248,8 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], model: ModelConfig, out: 
             for r in ranks:
                 part = value.chunk(tensor_parallel, dim)[r].clone() if dim is not None else value
                 shards[r][name] = {"param": part}
+                if adam_moments:
+                    shards[r][name].update({key: torch.zeros_like(part) for key in ckpt.ADAM_KEYS})
             index[name] = ckpt.TensorRecord(shape=list(value.shape), tp_dim=dim,
                                             tp_size=tensor_parallel if dim is not None else 1,
                                             shards={str(r): ckpt.state_file_name(r, 0, 0) for r in ranks})
@@ -266,7 +271,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], model: ModelConfig, out: 
         if tokenizer is not None:
             files[tokenizer.name] = ckpt.bytes_record((tmp / tokenizer.name).read_bytes())
         meta = ckpt.CheckpointMeta(
-            step=0, counters=TrainState().state_dict(), adam_step=None, scheduler={}, engine={},
+            step=0, counters=TrainState().state_dict(), adam_step=1.0 if adam_moments else None, scheduler={}, engine={},
             layout={"tensor": tensor_parallel, "pipeline": pipeline_parallel, "data": 1, "zero_stage": 1},
             model=model.to_dict(), reason=f"converted from {source}", tensors=index, files=files,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__, converted_from=str(source))
