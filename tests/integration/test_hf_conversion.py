@@ -68,6 +68,21 @@ def test_every_variant_converts_with_the_training_models_logits(variant, split, 
     assert ("trust_remote_code" in card) == (variant != "vanilla")
 
 
+@pytest.mark.parametrize("variant, split", [("mesh", "1+2R2+1"), ("vanilla", "4")])
+def test_tied_embeddings_convert_to_a_tied_head(variant, split, model_parallel, tokenizer, tmp_path):
+    """A tied head (model.untie_embeddings=false) stays tied; a vanilla model with a tied head and the
+    sqrt(d) scale cannot fold the scale into GPT-NeoX's weights, so it becomes MeshForCausalLM."""
+    config = tiny_config(variant, split, untie_embeddings=False)
+    model = perturbed_model(config)
+    report = _export(write_model_checkpoint(model, config, tmp_path / "ckpt"), tmp_path / "hf", tokenizer)
+    hf, _ = load_hf(tmp_path / "hf")
+    assert not report.native and hf.config.tie_word_embeddings
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_in.weight.data_ptr()
+    ids = _ids(config.padded_vocab_size)
+    with torch.no_grad():
+        assert (hf(ids, use_cache=False).logits - training_logits(model, ids)).abs().max().item() < ATOL
+
+
 def test_a_transformers_gptneox_imports_with_its_logits(model_parallel, tmp_path):
     """A randomly initialised GPTNeoXForCausalLM made by transformers, converted with from-hf, gives the same
     logits in this stack's model at world size 1 and at TP=2 (two real processes)."""
