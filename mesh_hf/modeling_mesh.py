@@ -41,7 +41,6 @@ the combinations act per token, so caching the attention keys and values is exac
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

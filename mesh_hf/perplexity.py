@@ -84,18 +84,20 @@ def jsonl_documents(path: str, tokenizer, max_documents: Optional[int], field: s
             for text in read_jsonl_texts(path, max_documents, field)]
 
 
-def read_jsonl_texts(path: str, max_documents: Optional[int], field: str = "text") -> list[str]:
-    opener = open
+def _open_text(path: str):
     if path.endswith(".zst"):
         import io
 
         import zstandard
 
-        def opener(p, mode="rt", encoding="utf-8"):
-            return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(p, "rb")), encoding=encoding)
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl_texts(path: str, max_documents: Optional[int], field: str = "text") -> list[str]:
     texts = []
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with _open_text(path) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

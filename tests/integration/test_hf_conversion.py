@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.support.harness import REPO, launch_env, tail
-from tests.support.hf import (VARIANTS, load_hf, perturbed_model, state_of, tiny_config, training_logits,
-                              write_model_checkpoint)
+from tests.support.hf import VARIANTS, load_hf, perturbed_model, tiny_config, training_logits, write_model_checkpoint
 
 ATOL = 1e-5
 
