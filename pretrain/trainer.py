@@ -127,7 +127,7 @@ class Trainer:
         self.flops_per_token = token_flops(config.model).total  # the MFU numerator, per trained token
         self.router_stats = self._router_statistics()
         self.router_summary = None  # (step, summary) of the latest router statistics
-        self._router_plot_at = 0.0
+        self._router_plot_at: Optional[float] = None  # when router.png was last drawn
         self.peak_flops = peak_flops(self.device, config.logging.peak_tflops)
         self.metrics = self._start_logging()
 
@@ -414,7 +414,7 @@ class Trainer:
         self.metrics.log(step, flat_metrics(summary))
         self.router_summary = (step, summary)
         now = time.perf_counter()
-        if now - self._router_plot_at >= self.ROUTER_PLOT_EVERY_S:
+        if self._router_plot_at is None or now - self._router_plot_at >= self.ROUTER_PLOT_EVERY_S:
             write_router_plot(self.folder, step, summary)
             self._router_plot_at = now
 

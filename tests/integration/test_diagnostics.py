@@ -1,8 +1,8 @@
 """Diagnostics end to end: router statistics while training (every sink, DP=2 and PP=2 against one
 process) and `mesh analyze` on real checkpoints (every field, --compare, other layouts, bad input).
 
-Two launches per module: world size 1 trains the MeSH, base and vanilla models (3 steps each,
-checkpoint at the end), world size 2 the same MeSH run at DP=2, at PP=2 and at TP=2 with sequence
+Two launches per module: world size 1 trains the MeSH (with statistics every step, and without),
+base and vanilla models (3 steps each, checkpoint at the end), world size 2 the same MeSH run at DP=2, at PP=2 and at TP=2 with sequence
 parallelism.
 """
 
@@ -34,13 +34,16 @@ STATS_RTOL, STATS_ATOL = 1e-6, 1e-9
 @pytest.fixture(scope="module")
 def runs(demo_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("diagnostics")
-    run_plan(1, [Run("mesh", MESH), Run("base", [*STATS, "model.variant=base"]),
-                 Run("vanilla", [*STATS, "model.variant=vanilla", "model.layer_split=6"])], demo_data, work / "w1")
-    run_plan(2, [Run("mesh_dp2", STATS), Run("mesh_pp2", [*STATS, "parallel.pipeline=2"]),
-                 Run("mesh_tp2_sp", [*STATS, "parallel.tensor=2", "parallel.sequence_parallel=true"])],
-             demo_data, work / "w2")
-    return {name: work / ("w1" if name in ("mesh", "base", "vanilla") else "w2") / name
-            for name in ("mesh", "base", "vanilla", "mesh_dp2", "mesh_pp2", "mesh_tp2_sp")}
+    single = run_plan(1, [Run("mesh", MESH), Run("mesh_off", ["train.steps=3"]),
+                          Run("base", [*STATS, "model.variant=base"]),
+                          Run("vanilla", [*STATS, "model.variant=vanilla", "model.layer_split=6"])],
+                      demo_data, work / "w1")
+    parallel = run_plan(2, [Run("mesh_dp2", STATS), Run("mesh_pp2", [*STATS, "parallel.pipeline=2"]),
+                            Run("mesh_tp2_sp", [*STATS, "parallel.tensor=2", "parallel.sequence_parallel=true"])],
+                        demo_data, work / "w2")
+    runs = {name: work / "w1" / name for name in single} | {name: work / "w2" / name for name in parallel}
+    runs["results"] = single
+    return runs
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -119,8 +122,15 @@ def test_router_statistics_memory_and_config_reach_every_sink(runs):
     assert plot.stat().st_size > 10_000 and matplotlib.image.imread(plot).ndim == 3
 
 
-def test_router_statistics_are_off_by_default(runs):
-    # The base variant has no routers; the configs without the field log none either.
+def test_collecting_statistics_changes_nothing_in_training(runs):
+    """The same run with statistics every step and without: bitwise the same losses and weights."""
+    on, off = runs["results"]["mesh"], runs["results"]["mesh_off"]
+    assert router_metrics(runs["mesh_off"]) == {}
+    assert on["losses"] == off["losses"] and len(on["losses"]) == 3
+    assert all(torch.equal(on["params"][name], off["params"][name]) for name in off["params"])
+
+
+def test_a_variant_without_routers_logs_no_statistics_and_says_so(runs):
     assert router_metrics(runs["base"]) == {}
     lines = (runs["base"].parent / "torchrun.log").read_text()
     assert "logging.router_stats_interval=1 has no effect: variant base has no MeSH routers" in lines
