@@ -69,6 +69,20 @@ def test_the_converted_tokenizer_encodes_like_sentencepiece(demo_data, tmp_path)
     assert sp.eod not in sp.encode("x </s> y") and sp.eod in fast("x </s> y", add_special_tokens=False).input_ids
 
 
+def test_a_tokenizer_json_is_written_with_its_end_of_text_token(tmp_path):
+    from data_prep.tokenizer import load_tokenizer
+    from mesh_hf.tokenizer_files import write_tokenizer
+    from tests.support.data import hf_tokenizer_json
+    from transformers import AutoTokenizer
+
+    path = hf_tokenizer_json()
+    special = write_tokenizer(path, tmp_path, model_max_length=64)
+    fast, ours = AutoTokenizer.from_pretrained(str(tmp_path)), load_tokenizer(path)
+    assert fast.eos_token == "<|endoftext|>" and special["eos_token_id"] == ours.eod == fast.eos_token_id
+    for text in ("def add(a, b):\n    return a + b\n", "plain words, and 12345"):
+        assert fast(text, add_special_tokens=False).input_ids == ours.encode(text)
+
+
 def test_streaming_safetensors_files_read_back_with_the_library(tmp_path):
     from safetensors import safe_open
 
