@@ -55,12 +55,12 @@ def _block_boundary_labels(split) -> set[str]:
     return labels
 
 
-def capture(model, tokens: torch.Tensor, on_layer: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
-            keep_layers: bool = False) -> Capture:
+def capture(model, tokens: torch.Tensor,
+            on_layer: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None) -> Capture:
     """Runs `model` (one whole model, eval mode) on `tokens` [b, s] and returns its states and blocks.
 
-    `on_layer(label, input, output)` is called for every layer call as it happens (the layers'
-    activations are not kept unless `keep_layers`, which puts them into `blocks` too).
+    `on_layer(label, input, output)` is called for every layer call as it happens; only the
+    block boundaries' activations are kept (a large model's every layer would not fit in memory).
     """
     if not (model.pre_process and model.post_process):
         raise ValueError("capture needs the whole model on one stage (world size 1)")
@@ -73,12 +73,9 @@ def capture(model, tokens: torch.Tensor, on_layer: Optional[Callable[[str, torch
     def layer_hook(module, args, output):
         label = labels[len(calls)]
         hidden_in = args[0]
-        # Only the block boundaries are kept: a large model's every layer would not fit in memory.
-        calls.append((hidden_in, output) if keep_layers or label in boundaries else (None, None))
+        calls.append((hidden_in, output) if label in boundaries else (None, None))
         if on_layer is not None:
             on_layer(label, hidden_in, output)
-        if keep_layers:
-            result.blocks[label] = (hidden_in, output)
 
     final_input: list[torch.Tensor] = []
 
