@@ -55,18 +55,16 @@ def _fields(line: str) -> dict[str, str]:
 
 
 def queued_job_ids(job_ids: list[str]) -> list[str]:
-    """Those of ``job_ids`` still queued or running (squeue)."""
-    if not job_ids or shutil.which("squeue") is None:
+    """Those of ``job_ids`` (job, array or array-task ids) still queued or running. Asked one by
+    one: squeue refuses a whole list when one id is no longer known."""
+    if shutil.which("squeue") is None:
         return []
-    done = subprocess.run(["squeue", "-h", "-o", "%F %i %T", "-j", ",".join(job_ids)], capture_output=True, text=True)
-    if done.returncode != 0:
-        return []
-    active = set()
-    for line in done.stdout.splitlines():
-        array_id, _, state = line.split()[:3] if len(line.split()) >= 3 else (None, None, None)
-        if array_id and state in ACTIVE_STATES:
-            active.add(array_id)
-    return [j for j in job_ids if j in active]
+    active = []
+    for job_id in job_ids:
+        done = subprocess.run(["squeue", "-h", "-o", "%T", "-j", str(job_id)], capture_output=True, text=True)
+        if done.returncode == 0 and any(state.strip() in ACTIVE_STATES for state in done.stdout.splitlines()):
+            active.append(job_id)
+    return active
 
 
 def job_state(job_id: str) -> Optional[str]:

@@ -89,7 +89,7 @@ def check_not_queued(run_dirs: list[Path]) -> None:
     """A run directory whose earlier job still waits or runs is refused (two jobs would share it)."""
     for run_dir in run_dirs:
         ids = [str(row["job_id"]) for row in submissions(run_dir) if row.get("job_id")]
-        busy = scheduler.queued_job_ids(ids)
+        busy = scheduler.queued_job_ids(ids[-3:])  # only the newest submissions can still be queued
         if busy:
             raise CLIError(f"{run_dir} already has job {busy[-1]} queued or running; wait for it, or "
                            f"`scancel {busy[-1]}` first")

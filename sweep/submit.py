@@ -77,7 +77,7 @@ def active_sweep_jobs(sweep) -> list[str]:
     if not path.exists():
         return []
     ids = [str(json.loads(l)["job_id"]) for l in path.read_text().splitlines() if l.strip()]
-    return scheduler.queued_job_ids(ids)
+    return scheduler.queued_job_ids(ids[-3:])  # only the newest submissions can still be queued
 
 
 def submit_sweep(sweep, resources, *, max_parallel: Optional[int] = None, dry_run: bool = False,

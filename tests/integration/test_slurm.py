@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import CONFIG, REPO, data_overrides, launch_env
-from tests.support.slurm_cluster import (metrics_losses, slurm_cluster, wait_for_job,  # noqa: F401 (fixture)
-                                         wait_until)
+from tests.support.slurm_cluster import metrics_losses, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +50,7 @@ def job_log(run_dir: Path, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm_cluster, demo_data, tmp_path_factory):  # noqa: F811
+def jobs(slurm_cluster, demo_data, tmp_path_factory):
     """The reference run and the one to preempt, submitted together; the second is sent SIGUSR1
     (batch shell only) once it has trained a few steps, and left to requeue in the background."""
     root = tmp_path_factory.mktemp("slurm")
@@ -62,6 +61,10 @@ def jobs(slurm_cluster, demo_data, tmp_path_factory):  # noqa: F811
                                                 for l in metrics.read_text().splitlines()),
                timeout=180, what="the run to be preempted to train 3 steps")
     subprocess.run(["scancel", "-s", "USR1", "-b", preempted[1]], check=True)
+    # a second job in a run directory whose job is still queued or running is refused
+    twice = mesh("slurm", "submit", str(CONFIG), *RUN, *data_overrides(demo_data), "--run-dir", str(preempted[0]),
+                 *CPU_RANKS, check=False)
+    assert twice.returncode == 2 and f"already has job {preempted[1]} queued or running" in twice.stderr, twice.stderr
     return {"reference": reference, "preempted": preempted, "root": root, "data": demo_data}
 
 
