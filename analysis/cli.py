@@ -51,15 +51,16 @@ def _run(args: argparse.Namespace) -> int:
     from mesh_model.params import single_process_model_parallel
     from pretrain.compat import apply_cpu_shim
 
-    if args.n < 1 or args.batch_size < 1:
-        raise CLIError(f"-n ({args.n}) and --batch-size ({args.batch_size}) must be >= 1")
+    if args.n < 1 or args.batch_size < 1 or (args.seq_length is not None and args.seq_length < 2):
+        raise CLIError(f"-n ({args.n}) and --batch-size ({args.batch_size}) must be >= 1, --seq-length >= 2")
     paths = [checkpoints.resolve(p) for p in [args.checkpoint, *args.compare]]
     out = Path(args.out) if args.out else default_out(paths[0])
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
     metas = [ckpt.read_meta(p) for p in paths]  # a damaged checkpoint fails here, before any work
-    seq_length = min(args.seq_length or meta.model["seq_length"] for meta in metas)
+    # Every checkpoint sees the same tokens: no longer than the shortest model's context.
+    seq_length = min([meta.model["seq_length"] for meta in metas] + ([args.seq_length] if args.seq_length else []))
     tokens = heldout.sequences(args.data, args.n, seq_length)
     if tokens.shape[0] < args.n:
         print(f"note: {args.data} holds {tokens.shape[0]} sequences of {seq_length} tokens, fewer than -n {args.n}",

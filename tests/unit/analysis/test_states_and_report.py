@@ -58,6 +58,15 @@ def test_captured_states_are_the_models_own(model_parallel, variant):
     assert torch.equal(dict(layers)["coda.0"], skew(coda_in, coda_out))  # one coda layer: the block is the layer
 
 
+def test_an_unshared_core_runs_its_own_copy_per_loop(model_parallel):
+    config = tiny_model_config(layer_split="1+2x2+1")
+    labels = []
+    captured = capture(loaded(config).model, causal_inputs(2, config.seq_length, config.vocab_size)[0],
+                       on_layer=lambda label, h, fh: labels.append(label))
+    assert labels == ["prelude.0", "core.0@loop1", "core.1@loop1", "core.2@loop2", "core.3@loop2", "coda.0"]
+    assert list(captured.blocks) == ["prelude", "loop1", "loop2", "coda"]
+
+
 def test_a_vanilla_model_has_embeddings_output_and_one_block(model_parallel):
     config = tiny_model_config(variant="vanilla", layer_split="3")
     captured = capture(loaded(config).model, causal_inputs(2, config.seq_length, config.vocab_size)[0])
