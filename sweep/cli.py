@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["sweep.submit"]
 """Modules with an `add_sweep_commands(commands)` that add subcommands to `mesh sweep`."""
 
 SWEEP_HELP = "the sweep file (docs/sweeps.md: grid of sizes x variants x token budgets x seeds)"
