@@ -21,6 +21,7 @@ from analysis.skew import mean_std, skew
 from analysis.spectrum import TOP, normalised_singular_values
 from analysis.states import capture
 from mesh_model.config import ConfigError
+from pretrain.compat import cuda_literals_unmapped
 
 FIELDS = ("checkpoint", "step", "label", "variant", "layer_split", "saved_layout", "sequences", "seq_length",
           "states", "skew", "cka", "spectrum", "spectrum_top", "routers", "not_applicable")
@@ -60,7 +61,8 @@ def analyze(loaded: LoadedCheckpoint, tokens: torch.Tensor, batch_size: int = 8,
     with observed(model) as router_stats:
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start: start + batch_size]
-            captured = capture(model, batch, on_layer=on_layer)
+            with cuda_literals_unmapped():  # the CPU shim's per-call mapping is not needed (pretrain/compat.py)
+                captured = capture(model, batch, on_layer=on_layer)
             for name, (hidden_in, hidden_out) in captured.blocks.items():
                 block_skews.setdefault(name, []).append(skew(hidden_in, hidden_out))
             state_names = list(captured.states)
