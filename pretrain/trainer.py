@@ -395,7 +395,7 @@ class Trainer:
         if self.router_stats is None or step % self.config.logging.router_stats_interval:
             return False
         self.router_stats.reset()
-        if self.model.recurrence is not None:  # a pipeline stage without recurrence events has none
+        if self.model.recurrence is not None:  # None: a non-recursive model
             self.model.recurrence.statistics = self.router_stats
         return True
 
