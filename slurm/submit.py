@@ -142,8 +142,9 @@ def write_and_submit(prepared: Prepared, script: Path, array: Optional[str]) -> 
 
 
 def submit_run(config, resources: SlurmResources, *, run_dir: Optional[str] = None, dry_run: bool = False,
-               env: Optional[dict[str, str]] = None, out=sys.stdout) -> Optional[str]:
+               env: Optional[dict[str, str]] = None, out=None) -> Optional[str]:
     """`mesh slurm submit`: the job id, or None for a dry run or a run that is already complete."""
+    out = out or sys.stdout
     from pretrain.run_folder import RunFolder
 
     run_dir = Path(run_dir or config.logging.run_dir)

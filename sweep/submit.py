@@ -81,8 +81,9 @@ def active_sweep_jobs(sweep) -> list[str]:
 
 
 def submit_sweep(sweep, resources, *, max_parallel: Optional[int] = None, dry_run: bool = False,
-                 out=sys.stdout) -> Optional[str]:
+                 out=None) -> Optional[str]:
     """The array's job id, or None (a dry run, or nothing left to train)."""
+    out = out or sys.stdout
     from slurm import scheduler
     from slurm.batch_script import BatchJob, render
     from slurm.submit import (JOB_FILES, _check_data, check_layout, job_config, memory_check, next_number,
