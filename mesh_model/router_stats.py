@@ -69,12 +69,14 @@ class RouterStatistics:
         return cls(model_config.split.loops + 1, model_config.buffer_slots, device)
 
     def _views(self) -> None:
-        parts = torch.split(self._sums, self._sizes)
-        self._weights = parts[0].view(self.num_steps, 2, self.num_slots)
-        self._entropy = parts[1].view(self.num_steps, 2)
-        self._tokens = parts[2]
-        self._slot_norms = parts[3]
-        self._norm_tokens = parts[4]
+        self._weights, self._entropy, self._tokens, self._slot_norms, self._norm_tokens = self._parts(self._sums)
+
+    def _parts(self, sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of the flat sums: weights [steps, 2, B], entropy [steps, 2], tokens [steps],
+        slot norms [B], norm tokens [1]."""
+        weights, entropy, tokens, slot_norms, norm_tokens = torch.split(sums, self._sizes)
+        return (weights.view(self.num_steps, 2, self.num_slots), entropy.view(self.num_steps, 2), tokens,
+                slot_norms, norm_tokens)
 
     def reset(self) -> None:
         self._sums.zero_()
@@ -101,13 +103,12 @@ class RouterStatistics:
 
     def summary(self) -> Optional[dict]:
         """{"steps": [name...], "write"/"read": {...}, "slot_norm": [...], "tokens"}; None if nothing was seen."""
-        tokens = self._tokens.cpu()
+        weights, entropy, tokens, slot_norms, norm_tokens = self._parts(self._sums.cpu())  # one transfer
         if not bool((tokens > 0).any()):
             return None
         log_b = math.log(self.num_slots)
         out = {"steps": [step_name(k) for k in range(self.num_steps)], "num_slots": self.num_slots,
                "tokens": [int(t) for t in tokens]}
-        weights, entropy = self._weights.cpu(), self._entropy.cpu()
         count = tokens.clamp_min(1)
         for i, kind in enumerate(KINDS):
             mean_weight = weights[:, i] / count[:, None]
@@ -118,8 +119,8 @@ class RouterStatistics:
                 "mean_weight": mean_weight.tolist(),
                 "effective_slots": distribution_entropy(mean_weight).exp().tolist(),
             }
-        norm_tokens = float(self._norm_tokens.cpu())
-        out["slot_norm"] = (self._slot_norms.cpu() / max(norm_tokens, 1.0)).tolist() if norm_tokens else None
+        seen = float(norm_tokens)
+        out["slot_norm"] = (slot_norms / seen).tolist() if seen else None
         return out
 
 
