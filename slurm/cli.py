@@ -31,8 +31,15 @@ def resources_from_args(args: argparse.Namespace):
         cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
         time=args.time, constraint=args.constraint, exclusive=args.exclusive, mem=args.mem,
         signal_seconds=args.signal, requeue=args.requeue, array=args.array, gpu_memory_gb=args.gpu_memory,
-        job_name=args.job_name, sbatch=list(args.sbatch),
+        job_name=args.job_name, sbatch=[_as_option(s) for s in args.sbatch],
     )
+
+
+def _as_option(text: str) -> str:
+    """`--sbatch mail-type=END` and `--sbatch=--mail-type=END` mean the same (argparse cannot take a
+    value that starts with -- after a space)."""
+    text = text.strip()
+    return text if text.startswith("-") else f"--{text}"
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -97,7 +104,8 @@ def add_resource_flags(parser: argparse.ArgumentParser, suppress_defaults: bool 
     g.add_argument("--exclusive", action="store_true", help="whole nodes only")
     g.add_argument("--mem", help="memory per node, e.g. 500G")
     g.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="any other #SBATCH option, passed through as written (repeatable), e.g. --sbatch=--mail-type=END")
+                   help="any other #SBATCH option, passed through (repeatable): --sbatch mail-type=END or "
+                        "--sbatch=--mail-type=END")
     g.add_argument("--signal", type=int, default=120, metavar="S",
                    help="SIGUSR1 to the batch shell S seconds before the time limit: the ranks save and the job "
                         "requeues itself (default 120; leave time for one checkpoint save)")

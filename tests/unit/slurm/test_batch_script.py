@@ -130,7 +130,7 @@ def test_impossible_requests_are_one_line_and_submit_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("config, flags", [
     (PYTHIA_6_9B, ["--nodes", "1", "--gpus-per-node", "8"]),
-    (PYTHIA_12B, ["--nodes", "2", "--gpus-per-node", "8"]),
+    (PYTHIA_12B, ["--nodes", "2", "--gpus-per-node", "8", "--sbatch", "mail-type=END"]),
 ])
 def test_dry_run_of_the_big_configs_prints_a_layout_that_fits(config, flags, tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -143,4 +143,5 @@ def test_dry_run_of_the_big_configs_prints_a_layout_that_fits(config, flags, tmp
     assert world == tp * pp * dp == 8 * int(flags[1])
     fits = re.search(r"fits 80 GB per GPU: ([\d.]+) GiB estimated", out)
     assert fits is not None and 1 < float(fits.group(1)) < 80 * 1e9 / 2**30, out
+    assert ("#SBATCH --mail-type=END" in out) == ("--sbatch" in flags)
     assert not run_dir.exists()  # a dry run writes nothing
