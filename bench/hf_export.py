@@ -3,9 +3,9 @@
     .venv/bin/python bench/hf_export.py convert [--sizes 160m 410m]
     .venv/bin/python bench/hf_export.py generate [--pairs 5]
 
-convert: a checkpoint of each Pythia size's MeSH config (configs/pythia-SIZE/mesh.yaml) with random
+convert: a checkpoint of each Pythia size's MeSH config (configs/pythia-SIZE/mesh.yaml, or SIZE:VARIANT) with random
 weights and Adam moments, as training writes it (3x the weights on disk), is converted by
-`mesh convert hf` in a fresh process; its peak RSS (ru_maxrss) is reported next to the fp32 weight
+`mesh convert hf` in a fresh process; its peak RSS (VmHWM) is reported next to the fp32 weight
 bytes. The process's own baseline (python, torch, transformers imported) is measured the same way.
 
 generate: greedy generation of 32 new tokens after a 64-token prompt, KV cache on vs off, in
@@ -29,7 +29,9 @@ sys.path.insert(0, str(REPO))
 def _model_config(name: str):
     from pretrain.config import load_config
 
-    path = REPO / "configs" / "demo.yaml" if name == "demo" else REPO / "configs" / f"pythia-{name}" / "mesh.yaml"
+    size, _, variant = name.partition(":")  # "410m" (MeSH) or "410m:vanilla"
+    path = REPO / "configs" / "demo.yaml" if name == "demo" else \
+        REPO / "configs" / f"pythia-{size}" / f"{variant or 'mesh'}.yaml"
     return load_config(path, ["data.tokenizer=x", "data.train=[x]"]).model
 
 
@@ -48,9 +50,11 @@ def _make_checkpoint(size: str, out: Path) -> int:
 
 def _child(code: str) -> dict:
     """Runs python code in a fresh process; returns its JSON line plus its peak RSS."""
-    script = ("import json, resource, sys, time; sys.path.insert(0, %r); t0 = time.perf_counter()\n" % str(REPO)
-              + code + "\nprint(json.dumps({'seconds': time.perf_counter() - t0, "
-              "'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this benchmark's
+    # own process, which has just built a checkpoint), while the high-water mark starts afresh at exec.
+    script = ("import json, sys, time; sys.path.insert(0, %r); t0 = time.perf_counter()\n" % str(REPO)
+              + code + "\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+              "\nprint(json.dumps({'seconds': time.perf_counter() - t0, 'peak_rss': int(hwm.split()[1]) * 1024}))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
@@ -112,7 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("convert")
-    p.add_argument("--sizes", nargs="+", default=["160m", "410m"])
+    p.add_argument("--sizes", nargs="+", default=["160m", "410m", "410m:vanilla"],
+                   help="SIZE (its MeSH config) or SIZE:VARIANT, e.g. 410m:vanilla")
     p = sub.add_parser("generate")
     p.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args()
