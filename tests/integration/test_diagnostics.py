@@ -164,10 +164,11 @@ def analysis_data(demo_data):
     return str(demo_data / "val_text_document")
 
 
-def test_analyze_writes_every_field_and_non_empty_plots(runs, analysis_data, tmp_path, capsys):
-    out = tmp_path / "an"
-    code, stdout, _ = analyze([str(runs["mesh"]), "--data", analysis_data, "-n", "6", "--out", str(out)], capsys)
+def test_analyze_writes_every_field_and_non_empty_plots(runs, analysis_data, capsys):
+    # A run folder means its newest checkpoint; the output goes next to its checkpoints by default.
+    code, stdout, _ = analyze([str(runs["mesh"]), "--data", analysis_data, "-n", "6"], capsys)
     assert code == 0, stdout
+    out = runs["mesh"] / "analysis" / "step0000003"
     report = json.loads((out / "analysis.json").read_text())
     assert report["sequences"] == 6 and report["seq_length"] == 32
     (result,) = report["checkpoints"]
