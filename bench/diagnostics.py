@@ -22,8 +22,9 @@ Reported: the paired ratio to ``off`` of each (geometric mean of the per-block r
 
 analyze: a randomly initialised model of the config's shape (the numbers do not matter, the
 work does: it is the same for any weights), the whole per-checkpoint analysis (states, skew,
-linear and RBF CKA, spectra, router statistics) timed on -n sequences; loading a checkpoint
-(verify + consolidate, one read of its files) is not included.
+linear and RBF CKA, spectra, router statistics) timed on -n random sequences; loading a checkpoint
+(verify + consolidate) is not included. With --checkpoint CKPT --data PREFIX a real checkpoint is
+loaded (timed separately) and analysed on the prefix's sequences.
 
 Results go to bench/results/diagnostics-<what>-<date>.json and a table on stdout.
 """
@@ -173,25 +174,40 @@ def analyze(args) -> None:
     from mesh_model.params import load_model_config, single_process_model_parallel
     from pretrain.compat import apply_cpu_shim
 
-    config = load_model_config(args.config)
-    seq = args.seq or config.seq_length
+    if bool(args.checkpoint) != bool(args.data):
+        raise SystemExit("--checkpoint and --data go together")
     apply_cpu_shim()
+    load_s = None
     with single_process_model_parallel():
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         torch.manual_seed(0)
-        model = build_model(config, use_transformer_engine=False).eval()
-        loaded = LoadedCheckpoint(Path(args.config), SimpleNamespace(step=0, layout={}), config, model)
-        tokens = torch.randint(0, config.vocab_size, (args.n, seq), generator=torch.Generator().manual_seed(0))
+        if args.checkpoint:  # a real checkpoint: its loading (verify + consolidate) is timed too
+            from analysis.checkpoint import load
+            from analysis.heldout import sequences
+
+            started = time.perf_counter()
+            loaded = load(args.checkpoint)
+            load_s = time.perf_counter() - started
+            config = loaded.config
+            seq = args.seq or config.seq_length
+            tokens = sequences(args.data, args.n, seq)
+        else:
+            config = load_model_config(args.config)
+            seq = args.seq or config.seq_length
+            model = build_model(config, use_transformer_engine=False).eval()
+            loaded = LoadedCheckpoint(Path(args.config), SimpleNamespace(step=0, layout={}), config, model)
+            tokens = torch.randint(0, config.vocab_size, (args.n, seq), generator=torch.Generator().manual_seed(0))
         started = time.perf_counter()
         run_analysis(loaded, tokens, batch_size=args.batch_size)
         seconds = time.perf_counter() - started
-    result = _header({"benchmark": "diagnostics-analyze", "config": args.config, "sequences": args.n,
-                      "seq_length": seq, "batch_size": args.batch_size, "seconds": seconds,
-                      "seconds_per_sequence": seconds / args.n})
+    result = _header({"benchmark": "diagnostics-analyze", "config": args.checkpoint or args.config,
+                      "sequences": int(tokens.shape[0]), "seq_length": seq, "batch_size": args.batch_size,
+                      "seconds": seconds, "seconds_per_sequence": seconds / tokens.shape[0], "load_s": load_s})
     path = _write(result, "analyze", args.out)
-    print(f"\nmesh analyze, {config.variant} {config.split} d={config.hidden_size}: {args.n} sequences x {seq} "
-          f"tokens in {seconds:.1f} s ({seconds / args.n:.2f} s per sequence), batch {args.batch_size}, "
-          f"{result['device']}, {result['threads']} threads\nwritten to {path}")
+    loading = f"; loading the checkpoint {load_s:.1f} s" if load_s is not None else ""
+    print(f"\nmesh analyze, {config.variant} {config.split} d={config.hidden_size}: {result['sequences']} sequences "
+          f"x {seq} tokens in {seconds:.1f} s ({result['seconds_per_sequence']:.2f} s per sequence), batch "
+          f"{args.batch_size}, {result['device']}, {result['threads']} threads{loading}\nwritten to {path}")
 
 
 def main() -> None:
@@ -211,6 +227,8 @@ def main() -> None:
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--checkpoint", default=None, help="time a real checkpoint (its loading too) instead")
+    p.add_argument("--data", default=None, help="with --checkpoint: the held-out data prefix")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.set_defaults(func=analyze)
     args = parser.parse_args()
