@@ -84,3 +84,28 @@ def test_router_plot_is_written_next_to_loss_png(tmp_path):
 
     assert path == tmp_path / "router.png" and matplotlib.image.imread(path).ndim == 3
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_resumed_segment_replaces_the_tensorboard_events_it_trains_again(tmp_path):
+    """Crash after step 4 with the checkpoint at step 2: the resumed segment trains 3 and 4 again,
+    and TensorBoard keeps only those (metrics.jsonl marks the resume instead)."""
+    config = load_config(DEMO, [f"logging.run_dir={tmp_path / 'run'}", "logging.wandb_mode=disabled",
+                                "logging.tensorboard=true"])
+    folder = RunFolder.of(config)
+    folder.path.mkdir(parents=True)
+    first = MetricsLogger(config, folder, enabled=True)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"train/loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(config, folder, enabled=True, resumed_at=2)
+    for step in (3, 4):
+        resumed.log(step, {"train/loss": 10.0 + step})
+    resumed.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Each segment writes its own event file; the accumulator reads them in order and purges.
+    files = sorted((folder.path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    events = EventAccumulator(str(folder.path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
