@@ -67,7 +67,7 @@ def main() -> int:
     sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "mesh_cli.main", "sweep", "submit", str(sweep_file),
+    done = subprocess.run([sys.executable, "-m", "mesh_cli", "sweep", "submit", str(sweep_file),
                            "--gpus-per-node", "0", "--procs-per-node", "1", "--cpus-per-task", str(args.cpus_per_task)],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     array_id = done.stdout.split("submitted array ")[1].split()[0]

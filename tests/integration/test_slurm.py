@@ -32,7 +32,7 @@ REQUEUE_TIMEOUT = 240  # the hold-off alone is 45-75 s
 
 
 def mesh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "mesh_cli.main", *args], cwd=REPO, env=launch_env(),
+    done = subprocess.run([sys.executable, "-m", "mesh_cli", *args], cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=120)
     if check:
         assert done.returncode == 0, done.stderr

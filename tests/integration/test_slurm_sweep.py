@@ -24,7 +24,7 @@ CPU = ["--gpus-per-node", "0", "--procs-per-node", "1", "--cpus-per-task", "1"]
 
 
 def mesh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mesh_cli.main", *args], cwd=REPO, env=launch_env(),
+    return subprocess.run([sys.executable, "-m", "mesh_cli", *args], cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=300)
 
 
