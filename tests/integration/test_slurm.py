@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm.status import run_status
 from tests.support.harness import CONFIG, REPO, data_overrides, launch_env
 from tests.support.slurm_cluster import metrics_losses, wait_for_job, wait_until
 
@@ -60,7 +61,11 @@ def jobs(slurm_cluster, demo_data, tmp_path_factory):
     wait_until(lambda: metrics.exists() and any('"train/loss"' in l and json.loads(l)["step"] >= 3
                                                 for l in metrics.read_text().splitlines()),
                timeout=180, what="the run to be preempted to train 3 steps")
+    running = run_status(preempted[0])  # in-process: the run must still be training when the signal comes
     subprocess.run(["scancel", "-s", "USR1", "-b", preempted[1]], check=True)
+    assert running.state == "RUNNING" and running.job_id == preempted[1], running
+    assert running.step >= 3 and running.total_steps == STEPS and running.tokens_per_s > 0
+    assert running.eta_seconds is not None and running.eta_seconds > 0
     # a second job in a run directory whose job is still queued or running is refused
     twice = mesh("slurm", "submit", str(CONFIG), *RUN, *data_overrides(demo_data), "--run-dir", str(preempted[0]),
                  *CPU_RANKS, check=False)
