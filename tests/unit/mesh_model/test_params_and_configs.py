@@ -13,7 +13,8 @@ from mesh_model.params import analytic_non_embedding, load_model_config, report_
 from pretrain.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in SWEEPS)  # run configs
 
 
 # ------------------------------------------------------------------ paper's Table 5 (1.4B)
@@ -72,6 +73,13 @@ def test_every_shipped_config_parses_and_validates(path):
     assert config.model.num_layers == config.model.compute_depth
     if config.model.variant == "mesh":
         assert config.model.buffer_slots == config.model.split.loops + 3
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_sweep_file_resolves(path):
+    from sweep.spec import load_sweep
+
+    assert load_sweep(path).runs
 
 
 def test_paper_splits():
