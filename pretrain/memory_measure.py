@@ -69,7 +69,9 @@ def live_tensor_bytes() -> int:
     seen: dict[tuple[int, int], int] = {}
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            # type(), not isinstance(): the latter reads __class__, which some deprecated
+            # torch objects answer with a warning.
+            if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
                 key = _storage_key(obj)
                 seen[key] = key[1]
         except (ReferenceError, RuntimeError):  # a dead weak proxy, or a tensor without storage
