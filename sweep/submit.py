@@ -145,7 +145,7 @@ def submit_sweep(sweep, resources, *, max_parallel: Optional[int] = None, dry_ru
 
 
 def status_table(sweep) -> str:
-    from slurm.status import run_status
+    from slurm.status import _duration, _num, run_status
 
     header = ("run_id", "job", "state", "step", "loss", "valid", "tokens/s", "restarts", "ETA")
     rows, counts = [], {}
@@ -153,8 +153,6 @@ def status_table(sweep) -> str:
         s = run_status(run.run_dir)
         counts[s.state] = counts.get(s.state, 0) + 1
         step = f"{s.step}/{s.total_steps or run.steps}" if s.step is not None else f"-/{run.steps}"
-        from slurm.status import _duration, _num
-
         rows.append((run.run_id, s.job_id or "-", s.state, step, _num(s.loss), _num(s.valid_loss),
                      _num(s.tokens_per_s, "{:,.0f}"), str(s.restarts), "done" if s.complete else _duration(s.eta_seconds)))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]

@@ -79,8 +79,3 @@ def metrics_losses(run_dir: Path) -> dict[int, float]:
         if "train/loss" in row:
             out[row["step"]] = row["train/loss"]
     return out
-
-
-def queue_is_empty() -> bool:
-    done = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
-    return done.returncode == 0 and not done.stdout.strip()
