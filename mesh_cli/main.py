@@ -43,7 +43,7 @@ def _user_errors() -> dict[type[BaseException], int]:
     from pretrain.run_folder import RunFolderError
     from pretrain.run_lock import RunFolderBusy
     from pretrain.signals import SAVE_FAILED_EXIT_CODE
-    from pretrain.trainer import TrainingDiverged
+    from pretrain.errors import TrainingDiverged
 
     return {CheckpointSaveError: SAVE_FAILED_EXIT_CODE, RunFolderError: SAVE_FAILED_EXIT_CODE,
             CLIError: 2, ConfigError: 2, DataError: 2, CheckpointError: 2, TrainingDiverged: 2, RunFolderBusy: 2,

@@ -40,6 +40,7 @@ from pretrain.compat import ScheduleModel, cuda_literals_unmapped, set_p2p_batch
 from pretrain.config import RunConfig
 from pretrain.data import build_datasets, micro_batches
 from pretrain.engine import build_engine
+from pretrain.errors import TrainingDiverged
 from pretrain.hooks import TrainHooks
 from pretrain.library_warnings import optional_fast_paths
 from pretrain.metrics import (MetricsLogger, Throughput, memory_metrics, parameter_report_dict, write_loss_plot,
@@ -53,9 +54,6 @@ from pretrain.run_folder import RunFolder
 from pretrain.run_lock import RunLock
 from pretrain.state import TrainState
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 @dataclass
