@@ -7,7 +7,6 @@ subcommands to it through `add_sweep_commands(commands)` (the SLURM launcher's s
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 EXTENSIONS: list[str] = ["sweep.submit"]
 """Modules with an `add_sweep_commands(commands)` that add subcommands to `mesh sweep`."""

@@ -42,7 +42,7 @@ def measure(config, plan, ctx) -> dict:
     engine, _ = build_engine(model, plan=plan, groups=ctx.groups, optim=config.optim, total_steps=4, bf16=bf16)
     activations = None
     for step in range(2):
-        saved = saved_activations(lambda: engine(tokens, positions, None, labels=tokens),
+        saved = saved_activations(lambda e=engine: e(tokens, positions, None, labels=tokens),
                                   exclude=list(engine.module.parameters()))
         if activations is None:
             activations = saved.bytes

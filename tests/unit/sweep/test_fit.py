@@ -12,7 +12,7 @@ import pytest
 
 from mesh_cli.main import main
 from mesh_model.config import ConfigError
-from sweep.fit import LAW_N, LAW_ND, FitOptions, _objective, fit_source
+from sweep.fit import LAW_ND, FitOptions, _objective, fit_source
 
 TRUTH = {"E": 1.8, "A": 400.0, "alpha": 0.34, "B": 1200.0, "beta": 0.28}
 FAST = FitOptions(bootstrap=100, grid_points=2, seed=0)
