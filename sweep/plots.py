@@ -30,6 +30,7 @@ def plot_fits(all_points, fits, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig_n, ax_n = plt.subplots(figsize=(7, 4.5))
@@ -61,6 +62,9 @@ def plot_fits(all_points, fits, out_dir: Path) -> list[Path]:
     for ax, xlabel in ((ax_n, "non-embedding parameters N"), (ax_c, "training FLOPs C")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # losses span a narrow range: plain numbers on the log axis, not 8.1 x 10^0
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats / token)")
         ax.grid(alpha=0.3, which="both")
