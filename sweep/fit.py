@@ -336,7 +336,7 @@ def _largest_budget_per_size(points: Points) -> Points:
 def _one_blas_thread():
     """numpy's BLAS with one thread while fitting: the fit's vectors are a few dozen numbers, and
     idle BLAS threads spinning between L-BFGS iterations made it some 25x slower (measured).
-    threadpoolctl comes with scikit-learn; without it the fit is only slower."""
+    threadpoolctl is a declared dependency; without it the fit is only slower."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

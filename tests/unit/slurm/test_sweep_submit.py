@@ -23,9 +23,11 @@ def test_index_ranges(indices, text):
     assert index_ranges(indices) == text
 
 
-def _sweep(tmp_path: Path) -> Path:
+def _sweep(tmp_path: Path, slurm: dict | None = None) -> Path:
     spec = yaml.safe_load(TINY_SWEEP.read_text())
     spec["root"] = str(tmp_path / "sweep")
+    if slurm is not None:
+        spec["slurm"] = slurm
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -60,15 +62,18 @@ def test_a_finished_sweep_submits_nothing(tmp_path, capsys):
     assert not (tmp_path / "sweep" / "slurm").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max-parallel", "0"], "--max-parallel=0 must be >= 1"),
-    ([], "train.device=cpu but --gpus-per-node 1"),  # the file asks for a GPU, the runs train on the CPU
-    (["--gpus-per-node", "0", "--procs-per-node", "3"],
+GPU_FILE = {"nodes": 1, "gpus_per_node": 1}  # a sweep file that asks for a GPU per node
+
+
+@pytest.mark.parametrize("slurm, flags, message", [
+    (None, ["--max-parallel", "0"], "--max-parallel=0 must be >= 1"),
+    (GPU_FILE, [], "train.device=cpu but --gpus-per-node 1"),  # the file asks for a GPU, the runs train on the CPU
+    (None, ["--gpus-per-node", "0", "--procs-per-node", "3"],
      "run d32.base.t8k.s1: train.global_batch_size=8 is not a multiple of train.micro_batch_size x data-parallel"),
-    (["--gpus-per-node", "0"], "slurm.gpus_per_node=0 needs slurm.procs_per_node"),
+    (GPU_FILE, ["--gpus-per-node", "0"], "slurm.gpus_per_node=0 needs slurm.procs_per_node"),
 ])
-def test_impossible_sweep_requests(tmp_path, capsys, flags, message):
-    path = _sweep(tmp_path)
+def test_impossible_sweep_requests(tmp_path, capsys, slurm, flags, message):
+    path = _sweep(tmp_path, slurm)
     assert main(["sweep", "submit", str(path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
