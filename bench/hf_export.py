@@ -8,8 +8,9 @@ weights and Adam moments, as training writes it (3x the weights on disk), is con
 `mesh convert hf` in a fresh process; its peak RSS (VmHWM) is reported next to the fp32 weight
 bytes. The process's own baseline (python, torch, transformers imported) is measured the same way.
 
-generate: greedy generation of 32 new tokens after a 64-token prompt, KV cache on vs off, in
-alternating pairs in one process (bench/paired.py), for the demo model and the Pythia-160M MeSH shape.
+generate: greedy generation (demo model: 96 new tokens after a 32-token prompt, its whole context;
+Pythia-160M MeSH shape: 32 after 64), KV cache on vs off, in alternating pairs in one process
+(bench/paired.py).
 Run it on an idle machine.
 """
 
@@ -94,19 +95,23 @@ def generate(pairs: int) -> None:
     tokenizer = REPO / "data" / "demo" / "tokenizer.model"
     print("| model | tokens/s with cache | tokens/s without | ratio (cache / none) |")
     print("|---|---|---|---|")
+    # (prompt, new tokens): the demo model's context is 128 tokens
+    lengths = {"demo": (32, 96), "160m": (64, 32)}
     for name in ("demo", "160m"):
+        prompt_len, new_tokens = lengths[name]
         with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
             ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "hf"
             _make_checkpoint(name, ckpt)
             export(ckpt, out, tokenizer=str(tokenizer), progress=False)
             model, tok = load(out)
             prompt = " ".join(["def f(x):\n    return x"] * 12)
-            prompt = tok.decode(tok(prompt).input_ids[:64])
+            prompt = tok.decode(tok(prompt).input_ids[:prompt_len])
             on, off = [], []
             run_generate(model, tok, prompt, max_new_tokens=4, min_new_tokens=4)  # warm-up
             for _ in range(pairs):
-                on.append(run_generate(model, tok, prompt, max_new_tokens=32, min_new_tokens=32).tokens_per_s)
-                off.append(run_generate(model, tok, prompt, max_new_tokens=32, min_new_tokens=32,
+                on.append(run_generate(model, tok, prompt, max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens).tokens_per_s)
+                off.append(run_generate(model, tok, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                         use_cache=False).tokens_per_s)
             median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             print(f"| {name} | {median(on):.1f} | {median(off):.1f} | {format_ratio(paired_ratio(on, off))} |")
@@ -119,7 +124,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["160m", "410m", "410m:vanilla"],
                    help="SIZE (its MeSH config) or SIZE:VARIANT, e.g. 410m:vanilla")
     p = sub.add_parser("generate")
-    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=7)
     args = parser.parse_args()
     convert(args.sizes) if args.what == "convert" else generate(args.pairs)
 
