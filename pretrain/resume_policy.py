@@ -76,6 +76,8 @@ POLICY: dict[str, tuple[str, str]] = {
     "logging.wandb_project": (APPLIED, "logging only"),
     "logging.progress_bar": (APPLIED, "logging only"),
     "logging.peak_tflops": (APPLIED, "logging only"),
+    "logging.tensorboard": (APPLIED, "logging only (a resumed TensorBoard log replaces the events after the saved step)"),
+    "logging.router_stats_interval": (APPLIED, "logging only (collecting the statistics does not change training)"),
 }
 
 

@@ -67,7 +67,8 @@ def jobs(slurm_cluster, demo_data, tmp_path_factory):
     assert running.step >= 2 and running.total_steps == STEPS and running.tokens_per_s > 0
     assert running.eta_seconds is not None and running.eta_seconds > 0
     # a second job in a run directory whose job is still queued or running is refused
-    twice = mesh("slurm", "submit", str(CONFIG), *RUN, *data_overrides(demo_data), "--run-dir", str(preempted[0]),
+    twice = mesh("slurm", "submit", str(CONFIG), *RUN, *data_overrides(demo_data),
+                 f"data.valid=[{demo_data / 'val_text_document'}]", "--run-dir", str(preempted[0]),
                  *CPU_RANKS, check=False)
     assert twice.returncode == 2 and f"already has job {preempted[1]} queued or running" in twice.stderr, twice.stderr
     return {"reference": reference, "preempted": preempted, "root": root, "data": demo_data}
