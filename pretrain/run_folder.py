@@ -32,6 +32,23 @@ INTERRUPTED = "INTERRUPTED"
 COMPLETE = "COMPLETE"
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file the run appends to (metrics.jsonl, slurm/jobs.jsonl); a line
+    that does not parse (the one being written right now, or torn by a kill) is skipped, and a
+    missing file has no rows."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 class RunFolderError(OSError):
     """The run folder cannot be written (one line; exit code 74 like a failed save)."""
 
@@ -67,6 +84,10 @@ class RunFolder:
     @property
     def complete_marker(self) -> Path:
         return self.path / COMPLETE
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's rows (read_jsonl)."""
+        return read_jsonl(self.metrics_file)
 
     def holds_a_run(self) -> bool:
         return self.config_file.exists()

@@ -3,7 +3,6 @@ its directory (metrics.jsonl, COMPLETE / INTERRUPTED)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -53,19 +52,6 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written right now
-    return rows
-
-
 def _total_steps(run_dir: Path) -> Optional[int]:
     import yaml
 
@@ -84,7 +70,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     folder = RunFolder(run_dir)
     jobs = submissions(run_dir)
     job_id = str(jobs[-1]["job_id"]) if jobs else None
-    rows = read_metrics(run_dir)
+    rows = folder.metrics()
     train = [r for r in rows if "train/loss" in r]
     valid = [r for r in rows if "valid/loss" in r]
     resumed = sum(1 for r in rows if r.get("event") == "resumed")

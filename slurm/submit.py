@@ -22,6 +22,7 @@ from typing import Optional
 
 from mesh_cli.main import CLIError
 from mesh_model.config import ConfigError
+from pretrain.run_folder import read_jsonl
 from slurm import scheduler
 from slurm.batch_script import BatchJob, render
 from slurm.resources import SlurmResources
@@ -73,16 +74,7 @@ def job_config(config, run_dir: Path):
 
 
 def submissions(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / JOB_FILES / "jobs.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return read_jsonl(Path(run_dir) / JOB_FILES / "jobs.jsonl")
 
 
 def check_not_queued(run_dirs: list[Path]) -> None:

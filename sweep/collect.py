@@ -61,22 +61,9 @@ class Collection:
         return "\n".join(lines)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a torn last line (a run killed mid-write) is skipped."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def collect_run(run: SweepRun) -> tuple[RunStatus, list[dict]]:
     folder = RunFolder(run.run_dir)
-    metrics = read_metrics(folder.metrics_file)
+    metrics = folder.metrics()
     completion = folder.completion()
     evaluations: dict[int, float] = {}
     for row in metrics:

@@ -116,3 +116,15 @@ def test_layer_map_parsing():
                        ("prelude=a,core=3-4,coda=5", "A-B")]:
         with pytest.raises(ConfigError, match=says):
             parse_layer_map(text, config, 8)
+
+
+def test_the_model_card_takes_the_last_validation_loss_at_or_before_the_checkpoint(tmp_path):
+    from mesh_hf.export import final_validation
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step0000020").mkdir(parents=True)
+    rows = [{"step": 10, "valid/loss": 3.0, "valid/ppl": 20.1}, {"step": 15, "train/loss": 2.9},
+            {"step": 20, "valid/loss": 2.5, "valid/ppl": 12.2}, {"step": 30, "valid/loss": 2.0, "valid/ppl": 7.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "va')
+    assert final_validation(run / "checkpoints" / "step0000020", 20) == {"step": 20, "loss": 2.5, "ppl": 12.2}
+    assert final_validation(tmp_path / "elsewhere" / "step0000020", 20) is None  # not inside a run folder

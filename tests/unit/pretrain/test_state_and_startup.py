@@ -62,3 +62,12 @@ def test_the_fast_paths_line_says_what_is_missing():
 
     line = optional_fast_paths()
     assert "\n" not in line and line.startswith("optional fast paths")
+
+
+def test_read_jsonl_skips_a_torn_line_and_a_missing_file_has_no_rows(tmp_path):
+    from pretrain.run_folder import RunFolder, read_jsonl
+
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train/lo')
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1}, {"step": 2}]
+    assert RunFolder(tmp_path).metrics() == [{"step": 1}, {"step": 2}]
