@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.config import load_config  # noqa: E402
 from pretrain.memory_estimate import RESERVE_BYTES, estimate_memory  # noqa: E402
-from pretrain.memory_measure import live_tensor_bytes, saved_activations  # noqa: E402
+from pretrain.memory_measure import engine_model_state_bytes, saved_activations  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64", "train.micro_batch_size=4",
@@ -79,29 +79,6 @@ def measured_activations(config) -> list[int]:
     return out
 
 
-def measured_model_state(config, ctx, plan) -> int:
-    from mesh_model.model import build_model
-    from pretrain.engine import build_engine
-
-    bf16 = config.train.bf16
-    before = live_tensor_bytes()
-    model = build_model(config.model, plan.model_parallelism, params_dtype=torch.bfloat16 if bf16 else torch.float32)
-    engine, _ = build_engine(model, plan=plan, groups=ctx.groups, optim=config.optim, total_steps=4, bf16=bf16)
-    b, s = config.train.micro_batch_size, config.model.seq_length
-    device = next(model.parameters()).device
-    tokens = torch.randint(0, config.model.vocab_size, (b, s), device=device)
-    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
-    for step in range(2):
-        loss = engine(tokens, positions, None, labels=tokens).mean()
-        engine.backward(loss)
-        del loss
-        if step == 0:
-            engine.step()
-    measured = live_tensor_bytes() - before
-    del engine, model
-    return measured
-
-
 def cpu_table() -> list[dict]:
     from mesh_model.params import single_process_model_parallel
     from megatron.core import tensor_parallel
@@ -128,7 +105,7 @@ def cpu_table() -> list[dict]:
         plan = ParallelPlan.build(config, 1)
         ctx = init_distributed(plan, seed=1234)
         try:
-            measured_state = measured_model_state(config, ctx, plan)
+            measured_state = engine_model_state_bytes(config, plan, ctx.groups)
         finally:
             destroy_distributed()
         rows.append({"config": name, "layout": "world 1, ZeRO 1", "quantity": "parameters + gradients + optimizer",
@@ -147,7 +124,7 @@ def gpu_table() -> list[dict]:
         ctx = init_distributed(plan, seed=1234)
         try:
             torch.cuda.reset_peak_memory_stats()
-            state = measured_model_state(config, ctx, plan)
+            state = engine_model_state_bytes(config, plan, ctx.groups)
             peak = torch.cuda.max_memory_allocated()
         finally:
             destroy_distributed()

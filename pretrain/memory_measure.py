@@ -7,6 +7,8 @@
 - `live_tensor_bytes`: the bytes of every tensor reachable from Python, by unique storage (the
   model's parameters and gradients, and DeepSpeed's flat buffers, master weights and Adam
   moments, which are all Python-held tensors).
+- `engine_model_state_bytes`: `live_tensor_bytes` of a real DeepSpeed engine after two training
+  steps (so Adam's state exists), at a plan's layout.
 """
 
 from __future__ import annotations
@@ -77,3 +79,29 @@ def live_tensor_bytes() -> int:
         except (ReferenceError, RuntimeError):  # a dead weak proxy, or a tensor without storage
             continue
     return sum(seen.values())
+
+
+def engine_model_state_bytes(config, plan, groups) -> int:
+    """Bytes the model and its DeepSpeed engine hold after a backward pass (parameters, gradients,
+    fp32 master weights, Adam moments, DeepSpeed's buffers), measured on a real engine built for
+    `plan` (the caller has initialised its process groups) over two steps of random tokens."""
+    from mesh_model.model import build_model
+    from pretrain.engine import build_engine
+
+    bf16 = config.train.bf16
+    before = live_tensor_bytes()
+    model = build_model(config.model, plan.model_parallelism, params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    engine, _ = build_engine(model, plan=plan, groups=groups, optim=config.optim, total_steps=4, bf16=bf16)
+    b, s = config.train.micro_batch_size, config.model.seq_length
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, config.model.vocab_size, (b, s), device=device)
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+    for step in range(2):
+        loss = engine(tokens, positions, None, labels=tokens).mean()
+        engine.backward(loss)
+        del loss
+        if step == 0:
+            engine.step()
+    measured = live_tensor_bytes() - before
+    del engine, model
+    return measured

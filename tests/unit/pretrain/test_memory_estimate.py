@@ -14,7 +14,7 @@ from mesh_model.model import ModelParallelism, build_model
 from mesh_model.params import count_parameters
 from pretrain.config import load_config
 from pretrain.memory_estimate import GIB, estimate_memory
-from pretrain.memory_measure import live_tensor_bytes, saved_activations
+from pretrain.memory_measure import engine_model_state_bytes, saved_activations
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -92,7 +92,6 @@ def test_every_pipeline_stage_parameters_exactly_and_activations_within_10_perce
 def test_model_state_matches_the_deepspeed_engine(single_process_env, zero, bf16):
     """Parameters, gradients, fp32 master weights, Adam moments and DeepSpeed's own buffers: every
     live tensor's bytes after a backward pass (after a first step, so Adam's state exists)."""
-    from pretrain.engine import build_engine
     from pretrain.parallel.distributed import destroy_distributed, init_distributed
     from pretrain.parallel.plan import ParallelPlan
 
@@ -101,20 +100,7 @@ def test_model_state_matches_the_deepspeed_engine(single_process_env, zero, bf16
     plan = ParallelPlan.build(config, 1)
     ctx = init_distributed(plan, seed=1234)
     try:
-        before = live_tensor_bytes()
-        model = build_model(config.model, plan.model_parallelism,
-                            params_dtype=torch.bfloat16 if bf16 else torch.float32)
-        engine, _ = build_engine(model, plan=plan, groups=ctx.groups, optim=config.optim, total_steps=4, bf16=bf16)
-        tokens = torch.randint(0, config.model.vocab_size, (2, 32))
-        positions = torch.arange(32).unsqueeze(0).expand(2, -1)
-        for step in range(2):
-            loss = engine(tokens, positions, None, labels=tokens).mean()
-            engine.backward(loss)
-            del loss
-            if step == 0:
-                engine.step()
-        measured = live_tensor_bytes() - before
-        del engine, model
+        measured = engine_model_state_bytes(config, plan, ctx.groups)
     finally:
         destroy_distributed()
     estimate = estimate_memory(config, 1).worst
