@@ -23,9 +23,7 @@ nothing behind.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -35,10 +33,12 @@ from typing import Optional
 import torch
 
 from mesh_hf import names
+from mesh_hf.output_folder import check_output_dir, written_whole
 from mesh_hf.weights_file import TensorPlan, write_weights
 from mesh_model.config import ConfigError, ModelConfig
 from mesh_model.params import EMBEDDING_PREFIXES, ROUTER_MARKER
 from pretrain.checkpoint import format as ckpt
+from pretrain.run_folder import RunFolder
 
 MODELING_FILE = Path(__file__).with_name("modeling_mesh.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -59,12 +59,6 @@ def is_native(model: ModelConfig) -> bool:
     """Whether transformers' own GPTNeoXForCausalLM is this model: vanilla, and the embedding
     scale can be folded (with tied embeddings the head would be scaled too)."""
     return model.variant == "vanilla" and (model.untie_embeddings or not model.scale_embeddings)
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose an empty or new folder, "
-                              "or pass --overwrite to replace it")
 
 
 def _natural_key(name: str):
@@ -142,15 +136,11 @@ def _tokenizer_path(checkpoint: Path, meta: ckpt.CheckpointMeta, given: Optional
 def final_validation(checkpoint: Path, step: int) -> Optional[dict]:
     """The last validation loss logged at or before `step`, from the run folder holding the
     checkpoint (runs/NAME/checkpoints/stepN -> runs/NAME/metrics.jsonl), if there is one."""
-    metrics = checkpoint.parent.parent / "metrics.jsonl"
-    if checkpoint.parent.name != "checkpoints" or not metrics.is_file():
+    folder = RunFolder(checkpoint.parent.parent)
+    if checkpoint.parent.name != "checkpoints":
         return None
     last = None
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for row in folder.metrics():
         if "valid/loss" in row and row.get("step", math.inf) <= step:
             last = {"step": row["step"], "loss": row["valid/loss"], "ppl": row.get("valid/ppl")}
     return last
@@ -220,11 +210,9 @@ def export(checkpoint: Path, out_dir: Path, *, dtype: torch.dtype = torch.float3
             tensor = tensor * fold  # exact in effect: embed(x) * s == (E * s)[x]
         return tensor.to(dtype)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
+
+    with written_whole(out_dir) as tmp:
 
         special = _write_tokenizer(tokenizer_path, tmp, model.seq_length)
         with tqdm(total=len(plans), desc="tensors", unit="tensor", disable=not progress, leave=False) as bar:
@@ -240,12 +228,6 @@ def export(checkpoint: Path, out_dir: Path, *, dtype: torch.dtype = torch.float3
         counts = parameter_counts(meta)
         (tmp / "README.md").write_text(model_card(model, meta, counts, final_validation(checkpoint, meta.step),
                                                   native, checkpoint))
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportReport(out_dir, native, files, counts["total"], meta.step)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -37,6 +36,7 @@ from typing import Iterator, Optional
 import torch
 
 from mesh_hf import names
+from mesh_hf.output_folder import check_output_dir, written_whole
 from mesh_model.config import ConfigError, ModelConfig, parse_layer_split
 from pretrain.checkpoint import format as ckpt
 
@@ -233,9 +233,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], model: ModelConfig, out: 
     from pretrain.config import RunConfig
     from pretrain.state import TrainState
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with written_whole(out) as tmp:
         shards: list[dict] = [{} for _ in range(tensor_parallel)]
         index = {}
         for name in sorted(tensors):
@@ -276,10 +274,6 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], model: ModelConfig, out: 
             model=model.to_dict(), reason=f"converted from {source}", tensors=index, files=files,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__, converted_from=str(source))
         ckpt.atomic_write_text(tmp / ckpt.META, meta.to_json())
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -299,8 +293,7 @@ def import_hf(folder: Path, out: Path, *, tensor_parallel: int = 1, pipeline_par
               overwrite: bool = False) -> tuple[Path, ModelConfig, list[str]]:
     """Returns (checkpoint, its model config, notes)."""
     folder, out = Path(folder), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    check_output_dir(out, overwrite)
     hf = read_hf_config(folder)
     if split is not None:
         parse_layer_split(split)  # one-line error for a malformed split, before anything is read
@@ -340,8 +333,6 @@ def import_hf(folder: Path, out: Path, *, tensor_parallel: int = 1, pipeline_par
                      ", ".join(f"{b} {v[0]}-{v[-1]}" if v else f"{b} none" for b, v in mapping.items()) +
                      ("; routers / coefficients from the model's own init" if model.variant != "base" else ""))
     tokenizer = folder / "tokenizer.json"
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
     write_checkpoint(tensors, model, out, tensor_parallel, pipeline_parallel,
                      tokenizer if tokenizer.is_file() else None, folder)
     return out, model, notes
