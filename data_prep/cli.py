@@ -76,7 +76,8 @@ def _fraction(value: str) -> float:
 
 def cmd_demo_corpus(args: argparse.Namespace) -> int:
     stats = demo_corpus.build_demo_corpus(
-        args.out, max_bytes=args.max_bytes, valid_fraction=args.valid_fraction, seed=args.seed
+        args.out, max_bytes=args.max_bytes, valid_fraction=args.valid_fraction, seed=args.seed,
+        docs_dir=args.docs_dir,
     )
     print_corpus_stats(args.out, stats)
     return 0
@@ -199,6 +200,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of modules held out for validation (default: %(default)s)")
     p.add_argument("--seed", type=int, default=demo_corpus.DEFAULT_SEED,
                    help="seed for module selection and the split (default: %(default)s)")
+    p.add_argument("--docs-dir", metavar="DIR", default=None,
+                   help="also add every reStructuredText source of the Python documentation under "
+                        "DIR as one PythonDocsRst document each, outside --max-bytes (Debian's "
+                        f"python3.X-doc package: {demo_corpus.DEBIAN_DOCS_DIR})")
     p.set_defaults(func=cmd_demo_corpus)
 
     p = commands.add_parser(

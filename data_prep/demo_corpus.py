@@ -32,6 +32,10 @@ from data_prep.outputs.jsonl_zst import JsonlZstWriter, pile_record
 
 CODE_SET = "StdlibCode"
 DOCS_SET = "StdlibDocs"
+#: The reStructuredText sources of the Python documentation (``docs_dir``).
+REFERENCE_SET = "PythonDocsRst"
+#: Where Debian's ``python3.X-doc`` package puts them.
+DEBIAN_DOCS_DIR = f"/usr/share/doc/python{sysconfig.get_python_version()}/html/_sources"
 
 TRAIN_FILE = "train.jsonl.zst"
 VAL_FILE = "val.jsonl.zst"
@@ -157,6 +161,24 @@ def extract_docstrings(source: str, module_name: str) -> str | None:
     return text if len(text) >= MIN_DOCS_CHARS else None
 
 
+def list_doc_sources(docs_dir: str) -> list[str]:
+    """Sorted relative paths of the documentation's ``.rst.txt`` / ``.rst`` / ``.txt`` sources."""
+    if not os.path.isdir(docs_dir):
+        raise DataError(
+            f"documentation sources not found at {docs_dir!r}; on Debian install them with "
+            f"`apt-get install python{sysconfig.get_python_version()}-doc`, or name another folder"
+        )
+    found = []
+    for dirpath, dirnames, filenames in os.walk(docs_dir):
+        dirnames.sort()
+        for name in filenames:
+            if name.endswith((".rst.txt", ".rst", ".txt")):
+                found.append(os.path.relpath(os.path.join(dirpath, name), docs_dir).replace(os.sep, "/"))
+    if not found:
+        raise DataError(f"{docs_dir!r} holds no .rst.txt, .rst or .txt files; is it the documentation's _sources folder?")
+    return sorted(found)
+
+
 def _module_name(relpath: str) -> str:
     name = relpath[: -len(".py")].replace("/", ".")
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
@@ -179,6 +201,7 @@ def build_demo_corpus(
     valid_fraction: float = DEFAULT_VALID_FRACTION,
     seed: int = DEFAULT_SEED,
     stdlib_dir: str | None = None,
+    docs_dir: str | None = None,
 ) -> dict:
     """Write ``train.jsonl.zst``, ``val.jsonl.zst`` and ``corpus.json`` to ``out_dir``.
 
@@ -188,6 +211,12 @@ def build_demo_corpus(
     code and docstring documents always land in the same split: the docstrings
     are verbatim substrings of the code, so splitting them would leak
     validation text into training.
+
+    With ``docs_dir`` (the Python documentation's reStructuredText sources,
+    e.g. Debian's ``python3.11-doc``: ``DEBIAN_DOCS_DIR``) every source file
+    is added as one ``PythonDocsRst`` document, outside ``max_bytes``, split
+    by its own path hash with the same ``valid_fraction``: whole documents are
+    held out, never positions inside one.
 
     Returns the statistics also stored in ``corpus.json``.
     """
@@ -221,6 +250,14 @@ def build_demo_corpus(
     def is_val(module: _Module) -> bool:
         return _stable_unit(seed_str, "split", module.relpath) < valid_fraction
 
+    references: list[tuple[str, str]] = []  # (relpath, text) of the documentation sources
+    if docs_dir is not None:
+        for relpath in list_doc_sources(docs_dir):
+            with open(os.path.join(docs_dir, relpath), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if text.strip():
+                references.append((relpath, text))
+
     stats = {
         "source": "python-stdlib",
         "python_version": sysconfig.get_python_version(),
@@ -228,6 +265,8 @@ def build_demo_corpus(
         "max_bytes": max_bytes,
         "valid_fraction": valid_fraction,
         "modules": len(chosen),
+        "docs_dir": docs_dir,
+        "docs_documents": len(references),
         "splits": {},
     }
     for file_name, want_val in ((TRAIN_FILE, False), (VAL_FILE, True)):
@@ -242,6 +281,11 @@ def build_demo_corpus(
                 if module.docs:
                     out.write(pile_record(module.docs, DOCS_SET, source=source))
                     per_set[DOCS_SET] = per_set.get(DOCS_SET, 0) + 1
+            for relpath, text in references:
+                if (_stable_unit(seed_str, "split", "docs/" + relpath) < valid_fraction) != want_val:
+                    continue
+                out.write(pile_record(text, REFERENCE_SET, source=f"python-docs/{relpath}"))
+                per_set[REFERENCE_SET] = per_set.get(REFERENCE_SET, 0) + 1
         split = "train" if not want_val else "val"
         stats["splits"][split] = {
             "file": file_name,

@@ -17,7 +17,8 @@ def say(message: str) -> None:
 
 
 def print_corpus_stats(out_dir: str, stats: dict) -> None:
-    say(f"demo corpus in {out_dir}: {stats['modules']} stdlib modules (Python {stats['python_version']})")
+    docs = f" + {stats['docs_documents']} documentation sources" if stats.get("docs_documents") else ""
+    say(f"demo corpus in {out_dir}: {stats['modules']} stdlib modules{docs} (Python {stats['python_version']})")
     for split, info in stats["splits"].items():
         per_set = ", ".join(f"{k} {v}" for k, v in info["documents_per_set"].items())
         say(f"  {split:5s} {info['file']}: {info['documents']} documents ({per_set}), "

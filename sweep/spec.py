@@ -157,6 +157,7 @@ class _Size:
     folder: Optional[Path]  # a configs/<name>/ folder: the variant picks the file
     config: Optional[Path]  # a single config file: the variant is an override
     overrides: tuple[str, ...]
+    seeds: tuple[int, ...] = ()  # this size's own seeds, in place of grid.seeds (fewer at larger sizes)
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,9 @@ class _Reader:
             raise self.error("slurm", "must be a mapping of resources (nodes, gpus_per_node, ...)")
 
         runs = []
-        for size, variant, budget, seed in itertools.product(sizes, variants, budgets, seeds):
-            runs.append(self.run(root, size, variant, budget, seed, plain, rules, ratio_of))
+        for size in sizes:
+            for variant, budget, seed in itertools.product(variants, budgets, size.seeds or seeds):
+                runs.append(self.run(root, size, variant, budget, seed, plain, rules, ratio_of))
         self.unique([r.run_id for r in runs], "the grid's run ids")
         return Sweep(name=name, path=self.path, root=root, runs=runs, slurm=dict(slurm))
 
@@ -265,12 +267,15 @@ class _Reader:
                                     "pythia-160m) nor a .yaml config file")
         if not isinstance(entry, dict):
             raise self.error(where, "must be a size name, a config file or {name, config, overrides}")
-        self.check_keys(entry, ("name", "config", "overrides"), where)
+        self.check_keys(entry, ("name", "config", "overrides", "seeds"), where)
         if "config" not in entry:
             raise self.error(f"{where}.config", "missing; name the size's config file or configs/ folder")
         base = self.size(entry["config"], f"{where}.config")
         name = self.safe_name(str(entry.get("name") or base.name), f"{where}.name")
-        return _Size(name, where, base.folder, base.config, self.overrides(entry.get("overrides"), f"{where}.overrides"))
+        seeds = [self.seed(seed, f"{where}.seeds[{i}]") for i, seed in enumerate(self.optional_list(entry, "seeds"))]
+        self.unique(seeds, f"{where}.seeds")
+        return _Size(name, where, base.folder, base.config,
+                     self.overrides(entry.get("overrides"), f"{where}.overrides"), tuple(seeds))
 
     def variant(self, entry: Any, where: str) -> _Variant:
         if isinstance(entry, str):
