@@ -5,6 +5,10 @@ Two laws per variant, N the non-embedding parameters and D the training tokens:
     L(N)    = E + A / N^alpha                   on each size's largest budget
     L(N, D) = E + A / N^alpha + B / D^beta      when every size has at least two budgets
 
+With only two sizes, L(N)'s three coefficients are not determined; the fit is then the pure power
+law L(N) = A / N^alpha (E = 0: a straight line through the two sizes on log-log axes), named
+"A/N^alpha" in the report, which says so. It is a slope between two points, not a scaling law.
+
 The method is Chinchilla's approach 3 (Hoffmann et al. 2022, "Training Compute-Optimal Large
 Language Models", appendix D.2) as refitted by Besiroglu et al. 2024 ("Chinchilla Scaling: A
 replication attempt"): in log space, with E = exp(e), A = exp(a), B = exp(b),
@@ -43,6 +47,7 @@ REQUIRED = ("variant", "parameters", "tokens", "loss")
 
 LAW_N = "L(N)"
 LAW_ND = "L(N,D)"
+LAW_POWER = "A/N^alpha"  # L(N) without E: what two sizes can determine
 
 
 @dataclass(frozen=True)
@@ -109,16 +114,37 @@ class LawFit:
     """The Huber objective at the optimum (divided by delta^2)."""
     bootstrap_fits: int = 0
     rms_log_residual: float = 0.0
+    bootstrap_coefficients: Optional[np.ndarray] = None
+    """One row per bootstrap fit, the coefficients in `coefficients`' order (for bands)."""
+    confidence: float = 0.95
+
+    def band(self, n, d=None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The pointwise interval of the bootstrap fits' predictions at (n, d); None without them."""
+        if self.bootstrap_coefficients is None or not len(self.bootstrap_coefficients):
+            return None
+        names = list(self.coefficients)
+        curves = []
+        for row in self.bootstrap_coefficients:
+            c = dict(zip(names, row))
+            curve = c.get("E", 0.0) + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
+            if self.law == LAW_ND:
+                curve = curve + c["B"] / np.asarray(d, dtype=float) ** c["beta"]
+            curves.append(curve)
+        tail = (1 - self.confidence) / 2 * 100
+        low, high = np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
+        return low, high
 
     def predict(self, n, d=None) -> np.ndarray:
         c = {k: v.value for k, v in self.coefficients.items()}
-        out = c["E"] + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
+        out = c.get("E", 0.0) + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
         if self.law == LAW_ND:
             out = out + c["B"] / np.asarray(d, dtype=float) ** c["beta"]
         return out
 
     def to_dict(self) -> dict:
         return {"law": self.law, "points": self.points, "objective": self.objective,
+                **({"note": "two sizes: the power law A / N^alpha through them (E = 0), a slope, not a "
+                            "scaling law"} if self.law == LAW_POWER else {}),
                 "rms_log_residual": self.rms_log_residual, "bootstrap_fits": self.bootstrap_fits,
                 "coefficients": {k: v.to_dict() for k, v in self.coefficients.items()}}
 
@@ -175,9 +201,13 @@ def _huber(residual: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: Optional[np.ndarray], log_loss: np.ndarray,
                delta: float) -> tuple[float, np.ndarray]:
-    """theta = (a, alpha, e) for L(N), (a, alpha, b, beta, e) for L(N, D); value and gradient.
+    """theta = (a, alpha) for A/N^alpha, (a, alpha, e) for L(N), (a, alpha, b, beta, e) for L(N, D);
+    value and gradient.
     (Plain numpy rather than scipy.special's logsumexp / softmax: this runs some 10^5 times
     per fit on a few dozen points, where their per-call overhead dominates.)"""
+    if len(theta) == 2:  # log L = a - alpha log N: linear, no log-sum-exp
+        value, dres = _huber(theta[0] - theta[1] * log_n - log_loss, delta)
+        return float(value.sum()), np.array([dres.sum(), -(dres @ log_n)])
     if log_d is None:
         a, alpha, e = theta
         terms = np.stack([a - alpha * log_n, np.full_like(log_n, e)])
@@ -204,6 +234,8 @@ def start_grid(law: str, points_per_axis: int) -> np.ndarray:
         return np.linspace(low, high, points_per_axis) if points_per_axis > 1 else np.array([(low + high) / 2])
 
     a, exponent, e = axis(0, 25), axis(0, 2), axis(-1, 1)
+    if law == LAW_POWER:
+        return np.array(list(itertools.product(a, exponent)))
     if law == LAW_N:
         return np.array(list(itertools.product(a, exponent, e)))
     return np.array(list(itertools.product(a, exponent, a, exponent, e)))
@@ -234,6 +266,9 @@ def _distinct(ends: list[tuple[float, np.ndarray]], count: int) -> np.ndarray:
 
 
 def _coefficients(law: str, theta: np.ndarray) -> dict[str, float]:
+    if law == LAW_POWER:
+        a, alpha = theta
+        return {"A": math.exp(a), "alpha": float(alpha)}
     if law == LAW_N:
         a, alpha, e = theta
         return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha)}
@@ -243,7 +278,9 @@ def _coefficients(law: str, theta: np.ndarray) -> dict[str, float]:
 
 def _identifiable(law: str, n: np.ndarray, d: np.ndarray) -> bool:
     """Enough distinct points for the law's coefficients: 3 sizes for L(N); for L(N, D) 2 sizes,
-    2 budgets and 5 distinct (N, D) points."""
+    2 budgets and 5 distinct (N, D) points; 2 sizes for A/N^alpha."""
+    if law == LAW_POWER:
+        return len(np.unique(n)) >= 2
     if law == LAW_N:
         return len(np.unique(n)) >= 3
     return len(np.unique(n)) >= 2 and len(np.unique(d)) >= 2 and len(set(zip(n, d))) >= 5
@@ -280,6 +317,8 @@ def fit_law(points: Points, law: str, options: FitOptions) -> LawFit:
             for (name, coef), lo, hi in zip(fit.coefficients.items(), low, high):
                 coef.low, coef.high = float(lo), float(hi)
             fit.bootstrap_fits = len(samples)
+            fit.bootstrap_coefficients = np.array(samples)
+            fit.confidence = options.confidence
     return fit
 
 
@@ -354,10 +393,10 @@ def fit_points(all_points: list[Points], options: FitOptions) -> list[VariantFit
 def _fit_variant(points: Points, options: FitOptions) -> VariantFit:
     largest = _largest_budget_per_size(points)
     sizes = len(np.unique(largest.n))
-    if sizes < 3:
-        raise ConfigError(f"variant {points.variant}: {sizes} model size(s); L(N) = E + A/N^alpha has 3 "
-                          "coefficients and needs at least 3 sizes")
-    law_n = fit_law(largest, LAW_N, options)
+    if sizes < 2:
+        raise ConfigError(f"variant {points.variant}: {sizes} model size; a loss-vs-parameters fit needs at "
+                          "least 2 sizes (A/N^alpha), L(N) = E + A/N^alpha at least 3")
+    law_n = fit_law(largest, LAW_N if sizes >= 3 else LAW_POWER, options)
     budgets = [len(np.unique(points.d[points.n == n])) for n in np.unique(points.n)]
     law_nd, skipped = None, None
     if min(budgets) < 2:

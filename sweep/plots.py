@@ -41,8 +41,12 @@ def plot_fits(all_points, fits, out_dir: Path) -> list[Path]:
         ax_c.scatter(points.flops, points.loss, color=color, s=22, zorder=3, label=f"{points.variant} runs")
         n_grid = np.geomspace(points.n.min() / 1.5, points.n.max() * 1.5, 200)
         c = fit.law_n.coefficients
+        offset = f"{c['E'].value:.3g} + " if "E" in c else ""  # no E: the two-size power law
         ax_n.plot(n_grid, fit.law_n.predict(n_grid), color=color, lw=1.5,
-                  label=f"{points.variant}: L(N) = {c['E'].value:.3g} + {c['A'].value:.3g} / N^{c['alpha'].value:.3g}")
+                  label=f"{points.variant}: L(N) = {offset}{c['A'].value:.3g} / N^{c['alpha'].value:.3g}")
+        band = fit.law_n.band(n_grid)
+        if band is not None:  # the bootstrap fits' pointwise 95% interval
+            ax_n.fill_between(n_grid, band[0], band[1], color=color, alpha=0.12, lw=0)
         if fit.law_nd is None:
             continue
         kind, values = _budget_groups(points.n, points.d)
