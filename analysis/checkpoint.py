@@ -33,16 +33,7 @@ class LoadedCheckpoint:
 
 def resolve(path: str | Path) -> Path:
     """A step directory; a checkpoints folder or a run folder mean their newest complete checkpoint."""
-    path = Path(path)
-    if (path / ckpt.META).exists() or ckpt.is_step_dir_name(path.name):
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not root.is_dir():
-        raise ckpt.CheckpointError(f"{path}: no such checkpoint, checkpoints folder or run folder")
-    complete = [info for info in ckpt.list_checkpoints(root) if info.complete]
-    if not complete:
-        raise ckpt.CheckpointError(f"{root}: holds no complete checkpoint (`mesh ckpt list {root}`)")
-    return complete[-1].path
+    return ckpt.resolve_checkpoint(path)
 
 
 def load(path: str | Path, verify_checksums: bool = True) -> LoadedCheckpoint:

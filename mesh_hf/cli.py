@@ -148,7 +148,8 @@ def register(subparsers) -> None:
                     "become transformers' GPTNeoXForCausalLM; recursive and MeSH models a MeshForCausalLM whose "
                     "code (modeling_mesh.py) ships in the folder: load with trust_remote_code=True. Tensors stream "
                     "one at a time; the folder appears only when complete.")
-    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step0010000")
+    p.add_argument("checkpoint", help="a checkpoint directory (runs/x/checkpoints/step0010000), or a run or "
+                                      "checkpoints folder: its newest complete checkpoint")
     p.add_argument("out", help="the output folder (new or empty, unless --overwrite)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype (default fp32)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="split model.safetensors above this (5GB)")

@@ -186,7 +186,7 @@ def model_card(model: ModelConfig, meta: ckpt.CheckpointMeta, counts: dict, vali
 def export(checkpoint: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
            tokenizer: Optional[str] = None, progress: bool = True) -> ExportReport:
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = ckpt.resolve_checkpoint(checkpoint), Path(out_dir)
     check_output_dir(out_dir, overwrite)
     problems = ckpt.verify(checkpoint, checksums=True)
     if problems:

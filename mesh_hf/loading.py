@@ -22,6 +22,8 @@ def kind_of(path: Path) -> str:
         return "hf"
     if (path / ckpt.META).is_file() or (path / "state").is_dir():
         return "checkpoint"
+    if (path / "checkpoints").is_dir() or any(ckpt.is_step_dir_name(p.name) for p in path.glob("step*")):
+        return "checkpoint"  # a run or checkpoints folder: its newest complete checkpoint
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (runs/x/checkpoints/stepN) "
                                 "or a Hugging Face model folder")

@@ -88,6 +88,21 @@ def is_step_dir_name(name: str) -> bool:
     return bool(_STEP_DIR.match(name))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """What a user means by a checkpoint path: a step directory itself; a checkpoints folder or a
+    run folder (one holding checkpoints/) its newest complete checkpoint. One-line error otherwise."""
+    path = Path(path)
+    if (path / META).exists() or is_step_dir_name(path.name):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint, checkpoints folder or run folder")
+    complete = [info for info in list_checkpoints(root) if info.complete]
+    if not complete:
+        raise CheckpointError(f"{root}: holds no complete checkpoint (`mesh ckpt list {root}`)")
+    return complete[-1].path
+
+
 def state_file_name(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
     """A rank's share of the tensors, relative to the step directory."""
     return f"state/tp{tp_rank:02d}-pp{pp_rank:02d}-dp{dp_rank:02d}.pt"

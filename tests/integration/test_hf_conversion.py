@@ -250,6 +250,28 @@ def test_cli_generate_and_ppl_on_a_checkpoint(model_parallel, demo_data, tmp_pat
     assert numbers["perplexity"] == pytest.approx(2.718281828 ** numbers["nll_nats"])
 
 
+def test_a_run_folder_means_its_newest_complete_checkpoint(model_parallel, tokenizer, tmp_path, capsys):
+    """`mesh convert hf RUN_DIR` as `mesh analyze RUN_DIR`: the newest complete step, not an error."""
+    config = tiny_config("mesh", "1+2R2+1")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    older = write_model_checkpoint(perturbed_model(config, seed=1), config, checkpoints / "step0000004")
+    newest = write_model_checkpoint(perturbed_model(config, seed=2), config, checkpoints / "step0000008")
+    for step, path in ((4, older), (8, newest)):  # the helper writes step-0 checkpoints; give them their steps
+        from pretrain.checkpoint.format import _canonical_sha256
+
+        meta = {**json.loads((path / "meta.json").read_text()), "step": step}
+        (path / "meta.json").write_text(json.dumps({**meta, "meta_sha256": _canonical_sha256(meta)}))
+    (checkpoints / "step0000012").mkdir()  # an interrupted save: no meta.json, passed over
+    code, out, err = _mesh(capsys, "convert", "hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--tokenizer", tokenizer)
+    assert code == 0, err
+    _export(newest, tmp_path / "hf-newest", tokenizer)
+    _export(older, tmp_path / "hf-older", tokenizer)
+    converted, want, other = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("hf", "hf-newest", "hf-older"))
+    assert converted == want and converted != other
+    code, _, err = _mesh(capsys, "convert", "hf", str(tmp_path / "nothing"), str(tmp_path / "hf2"), "--tokenizer", tokenizer)
+    assert code == 2 and "no such checkpoint, checkpoints folder or run folder" in err
+
+
 def test_bad_input_is_one_line_and_writes_nothing(model_parallel, tokenizer, tmp_path, capsys):
     config = tiny_config("mesh", "1+2R2+1")
     checkpoint = write_model_checkpoint(perturbed_model(config), config, tmp_path / "ckpt")

@@ -1,0 +1,292 @@
+"""The replication's results step (scripts/replicate.sh step 3): everything docs/replication.md reports.
+
+It runs the project's own commands on the finished sweeps and writes into OUT (docs/replication):
+
+  main/, ablations/        `mesh sweep collect` of configs/sweeps/replication*.yaml (results.csv, .json)
+  fit/                     `mesh sweep fit` of main/results.csv (fit.json, fit.txt, the two figures)
+  analysis/                `mesh analyze` of base vs MeSH at d=256, seed 1 (analysis.json, PNGs)
+  hf/                      the best d=256 MeSH run: `mesh convert hf` (to runs/replication-hf, not committed),
+                           loaded with transformers: a greedy sample; `mesh eval ppl` of the held-out set
+  summary.json, tables.md  per (width, variant): final validation loss / perplexity mean +- std over the
+                           seeds, parameters, tokens/s; the paper's orderings checked with the seeds' spread;
+                           the ablations against MeSH
+  loss_curves.png, final_loss.png
+
+Every step whose output exists is skipped (a rerun after an interruption redoes only what is missing);
+--force redoes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MAIN = Path("configs/sweeps/replication.yaml")
+ABLATIONS = Path("configs/sweeps/replication-ablations.yaml")
+VALIDATION = "data/replication/text_val"
+HF_DIR = Path("runs/replication-hf")
+VARIANTS = ["vanilla", "base", "residual", "anchor", "anchor_emb", "mesh"]
+WIDTHS = ["d128", "d256"]
+PROMPTS = ["def read_config(path):\n", "The standard library"]
+
+#: The paper's claims (mesh-method.md: "mesh < anchor/anchor* < residual ~ base in perplexity", and
+#: MeSH close to or below vanilla), as (lower, higher) pairs of variants.
+CLAIMS = [("mesh", "anchor"), ("mesh", "anchor_emb"), ("anchor", "base"), ("anchor_emb", "base"),
+          ("anchor", "residual"), ("anchor_emb", "residual"), ("mesh", "base"), ("mesh", "residual"),
+          ("mesh", "vanilla")]
+
+
+def say(message: str) -> None:
+    print(f"replication_results: {message}", file=sys.stderr, flush=True)
+
+
+def mesh(*args: str, log: Path | None = None, threads: int | None = None) -> str:
+    """Runs `mesh ARGS`, echoing it; returns stdout (also saved to `log`). A failure stops the script."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    say("$ mesh " + " ".join(args))
+    start = time.perf_counter()
+    result = subprocess.run(["mesh", *args], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"replication_results: `mesh {' '.join(args)}` failed (exit {result.returncode})")
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
+    say(f"  ({time.perf_counter() - start:.0f} s)")
+    return result.stdout
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(results: dict) -> dict:
+    """Per (size, variant): the finished runs' final losses, their mean / std, parameters, tokens/s."""
+    groups: dict[tuple[str, str], dict] = {}
+    for row in results["rows"]:
+        if not row["final"]:
+            continue
+        key = (row["size"], row["variant"])
+        group = groups.setdefault(key, {"size": row["size"], "variant": row["variant"],
+                                        "parameters": row["parameters"], "parameters_total": row["parameters_total"],
+                                        "tokens": row["tokens"], "runs": []})
+        group["runs"].append({"seed": row["seed"], "loss": row["loss"], "ppl": math.exp(row["loss"]),
+                              "tokens_per_s": row["tokens_per_s"], "run_id": row["run_id"]})
+    for group in groups.values():
+        group["runs"].sort(key=lambda r: r["seed"])
+        group["loss_mean"], group["loss_std"] = mean_std([r["loss"] for r in group["runs"]])
+        group["ppl_mean"], group["ppl_std"] = mean_std([r["ppl"] for r in group["runs"]])
+        group["tokens_per_s_mean"] = statistics.fmean(r["tokens_per_s"] for r in group["runs"])
+        group["seeds"] = len(group["runs"])
+    return {f"{size}.{variant}": group for (size, variant), group in groups.items()}
+
+
+def check_claims(groups: dict, size: str) -> list[dict]:
+    """Each claimed ordering at one width: the difference of the means, its standard error (Welch),
+    and a verdict: holds / reversed when the difference exceeds twice its standard error, else
+    not resolved by these seeds."""
+    checks = []
+    for lower, higher in CLAIMS:
+        a, b = groups.get(f"{size}.{lower}"), groups.get(f"{size}.{higher}")
+        if not a or not b:
+            continue
+        diff = a["loss_mean"] - b["loss_mean"]
+        var = sum((g["loss_std"] or 0.0) ** 2 / g["seeds"] for g in (a, b))
+        se = math.sqrt(var) if var > 0 else None
+        if se is not None and abs(diff) > 2 * se:
+            verdict = "holds" if diff < 0 else "reversed"
+        else:
+            verdict = ("holds (within 2 s.e.)" if diff < 0 else "reversed (within 2 s.e.)")
+        checks.append({"size": size, "claim": f"{lower} < {higher}", "difference": diff, "standard_error": se,
+                       "verdict": verdict})
+    return checks
+
+
+def fmt_pm(mean: float, std: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def tables_markdown(groups: dict, claims: list[dict], ablations: dict) -> str:
+    lines = ["| width | variant | seeds | non-emb. params | total params | tokens | val. loss | val. ppl | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for size in WIDTHS:
+        ranked = sorted((g for g in groups.values() if g["size"] == size), key=lambda g: g["loss_mean"])
+        for g in ranked:
+            lines.append(f"| {size} | {g['variant']} | {g['seeds']} | {g['parameters']:,} | {g['parameters_total']:,} | "
+                         f"{g['tokens']:,} | {fmt_pm(g['loss_mean'], g['loss_std'], 4)} | "
+                         f"{fmt_pm(g['ppl_mean'], g['ppl_std'], 2)} | {g['tokens_per_s_mean']:,.0f} |")
+    lines += ["", "| width | paper's claim | difference of mean losses | standard error | here |", "|---|---|---|---|---|"]
+    for c in claims:
+        se = f"{c['standard_error']:.4f}" if c["standard_error"] is not None else "n/a"
+        lines.append(f"| {c['size']} | {c['claim']} | {c['difference']:+.4f} | {se} | {c['verdict']} |")
+    if ablations:
+        reference = groups.get("d128.mesh")
+        lines += ["", "| ablation (d128, seed 1) | non-emb. params | val. loss | vs MeSH B=5 seed 1 | vs MeSH B=5 mean (3 seeds) |",
+                  "|---|---|---|---|---|"]
+        ref_s1 = next((r["loss"] for r in reference["runs"] if r["seed"] == 1), None) if reference else None
+        for name, g in ablations.items():
+            loss = g["runs"][0]["loss"]
+            vs1 = f"{loss - ref_s1:+.4f}" if ref_s1 is not None else "n/a"
+            vsm = f"{loss - reference['loss_mean']:+.4f} (std {reference['loss_std']:.4f})" if reference else "n/a"
+            lines.append(f"| {g['variant']} | {g['parameters']:,} | {loss:.4f} | {vs1} | {vsm} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_results(main: dict, groups: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, len(WIDTHS), figsize=(11, 4), sharey=False)
+    for ax, size in zip(axes, WIDTHS):
+        for variant in VARIANTS:
+            curves: dict[int, list[float]] = {}
+            for row in main["rows"]:
+                if row["size"] == size and row["variant"] == variant:
+                    curves.setdefault(row["tokens"], []).append(row["loss"])
+            if not curves:
+                continue
+            tokens = sorted(t for t in curves if t > 0)
+            means = [statistics.fmean(curves[t]) for t in tokens]
+            ax.plot(tokens, means, marker="o", ms=3, color=colors[variant], label=variant)
+        ax.set_title(f"{size}: validation loss (mean over seeds)")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("validation loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(WIDTHS), figsize=(11, 3.8))
+    for ax, size in zip(axes, WIDTHS):
+        present = [v for v in VARIANTS if f"{size}.{v}" in groups]
+        for i, variant in enumerate(present):
+            g = groups[f"{size}.{variant}"]
+            ax.bar(i, g["loss_mean"], yerr=g["loss_std"] or 0.0, color=colors[variant], capsize=4)
+            ax.scatter([i] * g["seeds"], [r["loss"] for r in g["runs"]], color="black", s=8, zorder=3)
+        if present:
+            low = min(r["loss"] for v in present for r in groups[f"{size}.{v}"]["runs"])
+            high = max(r["loss"] for v in present for r in groups[f"{size}.{v}"]["runs"])
+            ax.set_ylim(low - 0.4 * (high - low) - 0.01, high + 0.25 * (high - low) + 0.01)
+        ax.set_xticks(range(len(present)), present, rotation=20, fontsize=8)
+        ax.set_title(f"{size}: final validation loss, mean ± std, dots = seeds")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "final_loss.png", dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def hf_check(best: dict, out: Path, force: bool) -> dict:
+    """The best MeSH run through `mesh convert hf`, loaded with transformers, and `mesh eval ppl`."""
+    target = out / "hf"
+    target.mkdir(parents=True, exist_ok=True)
+    summary_path = target / "hf_check.json"
+    if summary_path.is_file() and not force:
+        return json.loads(summary_path.read_text())
+    run_dir = Path(best["run_dir"])
+    folder = HF_DIR / best["run_id"]
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    mesh("convert", "hf", str(run_dir), str(folder), log=target / "convert.txt")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    samples = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**ids, max_new_tokens=48, do_sample=False)
+        samples.append({"prompt": prompt, "greedy": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])})
+    mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(best["seq_length"] + 1),
+         "--stride", str(best["seq_length"]), "--json", str(target / "eval_ppl.json"),
+         log=target / "eval_ppl.txt", threads=2)
+    evaluation = json.loads((target / "eval_ppl.json").read_text())
+    summary = {"run_id": best["run_id"], "hf_folder": str(folder), "model_class": type(model).__name__,
+               "config_class": type(model.config).__name__, "samples": samples,
+               "training_final_validation_loss": best["loss"], "eval_ppl": evaluation}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/replication", help="where the results go (default %(default)s)")
+    parser.add_argument("--force", action="store_true", help="redo every step, even those already written")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    (out / "main").mkdir(exist_ok=True)
+    mesh("sweep", "collect", str(MAIN), "--out", str(out / "main"), log=out / "main" / "collect.txt")
+    main_results = json.loads((out / "main" / "results.json").read_text())
+    ablation_results = None
+    if ABLATIONS.is_file():
+        (out / "ablations").mkdir(exist_ok=True)
+        mesh("sweep", "collect", str(ABLATIONS), "--out", str(out / "ablations"), log=out / "ablations" / "collect.txt")
+        ablation_results = json.loads((out / "ablations" / "results.json").read_text())
+
+    (out / "fit").mkdir(exist_ok=True)
+    mesh("sweep", "fit", str(out / "main" / "results.csv"), "--out", str(out / "fit"), log=out / "fit" / "fit.txt")
+
+    groups = summarise(main_results)
+    ablations = summarise(ablation_results) if ablation_results else {}
+    claims = [c for size in WIDTHS for c in check_claims(groups, size)]
+    plot_results(main_results, groups, out)
+
+    # base vs MeSH at the larger width, seed 1 (the same held-out tokens for both)
+    analysis = out / "analysis"
+    base_run, mesh_run = (Path(f"runs/sweeps/replication/d256.{v}.t400k.s1") for v in ("base", "mesh"))
+    if (base_run / "COMPLETE").is_file() and (mesh_run / "COMPLETE").is_file() and \
+            (args.force or not (analysis / "analysis.json").is_file()):
+        mesh("analyze", str(base_run), "--compare", str(mesh_run), "--data", VALIDATION, "-n", "64",
+             "--out", str(analysis), "--overwrite", "--quiet", log=out / "analysis.txt", threads=2)
+
+    hf = None
+    mesh_groups = [g for g in groups.values() if g["variant"] == "mesh" and g["size"] == WIDTHS[-1]]
+    if mesh_groups:
+        best_run = min(mesh_groups[0]["runs"], key=lambda r: r["loss"])
+        run_dir = Path("runs/sweeps/replication") / best_run["run_id"]
+        import yaml
+
+        seq_length = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["seq_length"]
+        hf = hf_check({**best_run, "run_dir": str(run_dir), "seq_length": seq_length}, out, args.force)
+
+    summary = {"groups": groups, "claims": claims, "ablations": ablations, "hf": hf,
+               "statuses": {"main": main_results.get("runs"), "ablations": (ablation_results or {}).get("runs")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "tables.md").write_text(tables_markdown(groups, claims, ablations))
+    say(f"wrote {out}/summary.json, tables.md, loss_curves.png, final_loss.png")
+    print((out / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
