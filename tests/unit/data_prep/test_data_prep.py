@@ -180,6 +180,33 @@ def test_demo_corpus_docstrings_are_extracted(monkeypatch):
     assert demo_corpus.extract_docstrings("def broken(:\n", "x") is None
 
 
+def test_demo_corpus_adds_documentation_sources_as_whole_held_out_documents(tmp_path):
+    """--docs-dir: one PythonDocsRst document per source file, each wholly in train or in val."""
+    docs = tmp_path / "_sources"
+    for i in range(40):
+        page = docs / ("library" if i % 2 else "howto") / f"page{i}.rst.txt"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(f"Page {i}\n" + "=" * 8 + f"\n\nThe text of page {i}. " * 20)
+    (docs / "empty.rst.txt").write_text("  \n")
+    (docs / "image.png").write_bytes(b"not text")
+    stats = demo_corpus.build_demo_corpus(tmp_path / "out", max_bytes=100_000, valid_fraction=0.25, seed=7,
+                                          docs_dir=str(docs))
+    assert stats["docs_documents"] == 40  # the empty page and the PNG are not documents
+    pages = {}
+    for split, name in (("train", demo_corpus.TRAIN_FILE), ("val", demo_corpus.VAL_FILE)):
+        records = [r for r in _read_lines(tmp_path / "out" / name)
+                   if r["meta"]["pile_set_name"] == demo_corpus.REFERENCE_SET]
+        assert records and stats["splits"][split]["documents_per_set"][demo_corpus.REFERENCE_SET] == len(records)
+        pages[split] = {r["meta"]["source"] for r in records}
+        for record in records:
+            path = docs / record["meta"]["source"].removeprefix("python-docs/")
+            assert record["text"] == path.read_text()
+    assert not pages["train"] & pages["val"] and len(pages["train"] | pages["val"]) == 40
+    assert 4 <= len(pages["val"]) <= 18  # about a quarter held out
+    with pytest.raises(DataError, match="apt-get install python"):
+        demo_corpus.build_demo_corpus(tmp_path / "x", max_bytes=100_000, docs_dir=str(tmp_path / "missing"))
+
+
 def test_demo_corpus_rejects_bad_options(tmp_path):
     with pytest.raises(DataError, match="valid_fraction"):
         demo_corpus.build_demo_corpus(tmp_path, valid_fraction=1.5)

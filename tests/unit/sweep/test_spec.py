@@ -128,6 +128,19 @@ def test_bad_sweep_files_are_one_line_errors_naming_the_key(tmp_path, change, me
     assert message in text, text
 
 
+def test_a_size_can_have_its_own_seeds(tmp_path):
+    """Fewer seeds at the larger size: d64 runs seeds 1 and 2, d32 the grid's 1, 2, 3."""
+    sizes = tiny_sizes()
+    sizes[1]["seeds"] = [1, 2]
+    spec = base_spec(tmp_path)
+    spec["grid"].update(sizes=sizes, variants=["mesh"], tokens=["64K"], seeds=[1, 2, 3])
+    ids = [r.run_id for r in load_sweep(write(tmp_path, spec)).runs]
+    assert ids == ["d32.mesh.t64k.s1", "d32.mesh.t64k.s2", "d32.mesh.t64k.s3", "d64.mesh.t64k.s1", "d64.mesh.t64k.s2"]
+    sizes[1]["seeds"] = [2, 2]
+    with pytest.raises(ConfigError, match=r"grid.sizes\[1\].seeds: 2 appears twice"):
+        load_sweep(write(tmp_path, spec))
+
+
 def test_shipped_sweep_files_resolve():
     for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
         sweep = load_sweep(path)
