@@ -84,7 +84,9 @@ def register(subparsers) -> argparse._SubParsersAction:
                       help="measure the smallest run's tokens/s with a short training run on this machine")
     plan.add_argument("--probe-steps", type=int, default=6, help="steps of the probe run (default 6; the first is not timed)")
     plan.add_argument("--gpus-per-run", type=int, default=None,
-                      help="GPUs each run uses, for GPU-hours (default: the sweep's slurm nodes x gpus_per_node, else 1)")
+                      help="GPUs each run uses, for GPU-hours (default: the sweep's slurm nodes x gpus_per_node; "
+                           "a CPU sweep, gpus_per_node 0, is charged in core-hours: nodes x procs_per_node x "
+                           "cpus_per_task)")
     plan.add_argument("--root", default=None, help="replace the sweep file's root (where the run folders are)")
     plan.set_defaults(func=_plan)
 

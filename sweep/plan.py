@@ -47,6 +47,20 @@ def gpus_per_run(sweep: Sweep, given: Optional[int] = None) -> int:
         raise ConfigError(f"{sweep.path}: slurm.nodes / slurm.gpus_per_node must be integers") from None
 
 
+def devices_per_run(sweep: Sweep, given: Optional[int] = None) -> tuple[int, str]:
+    """(count, unit) that the hours are charged in: GPUs, or on a CPU sweep (slurm.gpus_per_node: 0)
+    its cores, nodes x procs_per_node x cpus_per_task."""
+    gpus = gpus_per_run(sweep, given)
+    if gpus > 0:
+        return gpus, "GPU"
+    try:
+        procs = int(sweep.slurm.get("procs_per_node", 1))
+        cores = int(sweep.slurm.get("nodes", 1)) * procs * int(sweep.slurm.get("cpus_per_task", 1))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{sweep.path}: slurm.procs_per_node / slurm.cpus_per_task must be integers") from None
+    return max(1, cores), "core"
+
+
 def run_hours(run: SweepRun, reference: SweepRun, tokens_per_s: float) -> float:
     """Wall-clock hours of `run`, at the reference run's FLOP/s."""
     rate = tokens_per_s * reference.flops_per_token / run.flops_per_token
@@ -73,9 +87,9 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
         raise ConfigError(f"--tokens-per-s={tokens_per_s} must be > 0")
     if probe is not None:
         tokens_per_s = probe.tokens_per_s
-    gpus = globals()["gpus_per_run"](sweep, gpus_per_run)
+    gpus, unit = devices_per_run(sweep, gpus_per_run)
     rows = plan_rows(sweep, tokens_per_s, gpus)
-    header = ("run", "variant", "size", "non-emb params", "total params", "tokens", "steps", "FLOPs", "GPU-hours")
+    header = ("run", "variant", "size", "non-emb params", "total params", "tokens", "steps", "FLOPs", f"{unit}-hours")
     lines = [[r["run_id"], r["variant"], r["size"], f"{r['parameters']:,}", f"{r['parameters_total']:,}",
               f"{r['tokens']:,}", f"{r['steps']:,}", f"{r['flops']:.3e}",
               _hours(r["gpu_hours"])] for r in rows]
@@ -94,10 +108,12 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
         hours = sum(r["gpu_hours"] for r in rows)
         source = (f"measured by a {probe.steps}-step probe of {probe.run_id} on this machine ({probe.processes} process"
                   f"{'es' if probe.processes > 1 else ''})" if probe else "given")
-        out.append(f"GPU-hours: {_hours(hours)} in all, {gpus} GPU(s) per run, from {tokens_per_s:,.0f} tokens/s for "
-                   f"{reference.run_id} ({source}), scaled to each run by its FLOPs per token")
+        wall = sum(run_hours(run, reference, tokens_per_s) for run in sweep.runs)
+        out.append(f"{unit}-hours: {_hours(hours)} in all, {gpus} {unit}(s) per run ({_hours(wall)} run-hours one after "
+                   f"another), from {tokens_per_s:,.0f} tokens/s for {reference.run_id} ({source}), scaled to each run "
+                   "by its FLOPs per token")
     else:
-        out.append("GPU-hours: give --tokens-per-s (the smallest run's throughput) or --probe to estimate them")
+        out.append(f"{unit}-hours: give --tokens-per-s (the smallest run's throughput) or --probe to estimate them")
     return "\n".join(out)
 
 

@@ -46,6 +46,10 @@ def test_plan_scales_the_throughput_by_flops_per_token(sweep_file):
     table = plan_table(sweep, tokens_per_s=1000.0)
     assert "8 GPU(s) per run" in table and small.run_id in table and f"{large.params_total:,}" in table
     assert "--tokens-per-s" in plan_table(sweep)  # without a throughput: how to get GPU-hours
+    # A CPU sweep (no GPUs, CPU ranks) is charged in cores: 2 nodes x 2 ranks x 3 cores = 12 per run.
+    sweep.slurm.update(gpus_per_node=0, procs_per_node=2, cpus_per_task=3)
+    cpu = plan_table(sweep, tokens_per_s=1000.0)
+    assert "core-hours:" in cpu and "12 core(s) per run" in cpu and "GPU" not in cpu
 
 
 def test_plan_cli_and_its_errors(sweep_file, tmp_path, capsys):
