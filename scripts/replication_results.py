@@ -144,6 +144,49 @@ def tables_markdown(groups: dict, claims: list[dict], ablations: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analysis_markdown(analysis: dict) -> str:
+    """base vs MeSH: skew per block, CKA of consecutive states, spectrum tails, router use."""
+    checkpoints = analysis["checkpoints"]
+    lines = [f"`mesh analyze` on {analysis['sequences']} held-out sequences of {analysis['seq_length']} tokens.", "",
+             "| block | " + " | ".join(c["label"] for c in checkpoints) + " |", "|---|" + "---|" * len(checkpoints)]
+    blocks = list(checkpoints[0]["skew"]["blocks"])
+    for block in blocks:
+        cells = [fmt_pm(c["skew"]["blocks"][block]["mean"], c["skew"]["blocks"][block]["std"], 3)
+                 if block in c["skew"]["blocks"] else "n/a" for c in checkpoints]
+        lines.append(f"| skew {block} | " + " | ".join(cells) + " |")
+    states = checkpoints[0]["states"]
+    for kernel in ("linear", "rbf"):
+        for i in range(len(states) - 1):
+            cells = []
+            for c in checkpoints:
+                index = {name: k for k, name in enumerate(c["states"])}
+                a, b = index.get(states[i]), index.get(states[i + 1])
+                cells.append(f"{c['cka'][kernel][a][b]:.3f}" if a is not None and b is not None else "n/a")
+            lines.append(f"| CKA {kernel} {states[i]} / {states[i + 1]} | " + " | ".join(cells) + " |")
+    for state in states:
+        for rank in (10, len(checkpoints[0]["spectrum"][state]["mean"]) - 1):
+            cells = [f"{c['spectrum'][state]['mean'][rank]:.3f}" if state in c["spectrum"] else "n/a"
+                     for c in checkpoints]
+            lines.append(f"| sigma_{rank} / sigma_0 of {state} | " + " | ".join(cells) + " |")
+    for c in checkpoints:
+        routers = c.get("routers")
+        if not routers:
+            continue
+        lines += ["", f"Router statistics of {c['label']} (per router step: entropy as a fraction of log B, "
+                      "effective slots of the mean weights, and the mean weight per slot):", "",
+                  "| step | router | entropy fraction | effective slots | mean weight per slot |", "|---|---|---|---|---|"]
+        for k, step in enumerate(routers["steps"]):
+            for side in ("write", "read"):
+                stats = routers[side]
+                lines.append(f"| {step} | {side} | {stats['entropy_fraction'][k]:.3f} | "
+                             f"{stats['effective_slots'][k]:.2f} | "
+                             + ", ".join(f"{w:.2f}" for w in stats["mean_weight"][k]) + " |")
+        if routers.get("slot_norm"):
+            lines += ["", "Mean slot norms after the last write: "
+                      + ", ".join(f"slot {b} {v:.1f}" for b, v in enumerate(routers["slot_norm"]))]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -282,7 +325,10 @@ def main() -> int:
     summary = {"groups": groups, "claims": claims, "ablations": ablations, "hf": hf,
                "statuses": {"main": main_results.get("runs"), "ablations": (ablation_results or {}).get("runs")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "tables.md").write_text(tables_markdown(groups, claims, ablations))
+    text = tables_markdown(groups, claims, ablations)
+    if (analysis / "analysis.json").is_file():
+        text += "\n" + analysis_markdown(json.loads((analysis / "analysis.json").read_text()))
+    (out / "tables.md").write_text(text)
     say(f"wrote {out}/summary.json, tables.md, loss_curves.png, final_loss.png")
     print((out / "tables.md").read_text())
     return 0
