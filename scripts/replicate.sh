@@ -47,7 +47,7 @@ say "waiting for the sweeps' array tasks (mesh sweep status configs/sweeps/repli
 start=$(date +%s)
 while [ -n "$(squeue -h -o %i 2>/dev/null)" ]; do
   sleep 60
-  done_runs=$(cat runs/sweeps/replication*/*/COMPLETE 2>/dev/null | grep -c '"step"' || true)
+  done_runs=$(ls runs/sweeps/replication*/*/COMPLETE 2>/dev/null | wc -l)
   say "$(( ($(date +%s) - start) / 60 )) min: $done_runs of 39 runs complete, $(squeue -h -t R -o %i | wc -l) running"
 done
 

@@ -48,14 +48,20 @@ def say(message: str) -> None:
     print(f"replication_results: {message}", file=sys.stderr, flush=True)
 
 
-def mesh(*args: str, log: Path | None = None, threads: int | None = None) -> str:
-    """Runs `mesh ARGS`, echoing it; returns stdout (also saved to `log`). A failure stops the script."""
+def mesh(*args: str, log: Path | None = None, threads: int | None = None, required: bool = True) -> str | None:
+    """Runs `mesh ARGS`, echoing it; returns stdout (also saved to `log`). A failure stops the script,
+    or with required=False is said, saved to `log`, and returns None (a partial sweep: no fit yet)."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     say("$ mesh " + " ".join(args))
     start = time.perf_counter()
     result = subprocess.run(["mesh", *args], capture_output=True, text=True, env=env)
+    if result.returncode != 0 and not required:
+        say(f"  skipped: {(result.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+        if log is not None:
+            log.write_text(result.stdout + result.stderr)
+        return None
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"replication_results: `mesh {' '.join(args)}` failed (exit {result.returncode})")
@@ -304,7 +310,8 @@ def main() -> int:
         ablation_results = json.loads((out / "ablations" / "results.json").read_text())
 
     (out / "fit").mkdir(exist_ok=True)
-    mesh("sweep", "fit", str(out / "main" / "results.csv"), "--out", str(out / "fit"), log=out / "fit" / "fit.txt")
+    mesh("sweep", "fit", str(out / "main" / "results.csv"), "--out", str(out / "fit"), log=out / "fit" / "fit.txt",
+         required=False)
 
     groups = summarise(main_results)
     ablations = summarise(ablation_results) if ablation_results else {}
