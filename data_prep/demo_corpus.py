@@ -7,7 +7,10 @@ docstrings, under a permissive licence. We turn it into two Pile subsets:
 
 * ``StdlibCode``: one document per module, the source file verbatim;
 * ``StdlibDocs``: one document per module, its docstrings (module, classes,
-  functions) extracted with ``ast`` -- prose-like text.
+  functions) extracted with ``ast`` -- prose-like text;
+* ``PythonDocsRst`` (optional, ``docs_dir``): one document per page of the
+  Python documentation's reStructuredText sources, as Debian's
+  ``python3.X-doc`` package installs them -- the replication's larger corpus.
 
 Output is in the Pile's own format (zstd-compressed JSON lines), so the rest of
 data preparation treats the demo exactly like the real dataset.
