@@ -258,7 +258,7 @@ def plot_results(main: dict, groups: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- conversion
 
 
-def hf_check(best: dict, out: Path, force: bool) -> dict:
+def hf_check(best: dict, out: Path, force: bool, threads: int = 2) -> dict:
     """The best MeSH run through `mesh convert hf`, loaded with transformers, and `mesh eval ppl`."""
     target = out / "hf"
     target.mkdir(parents=True, exist_ok=True)
@@ -283,15 +283,48 @@ def hf_check(best: dict, out: Path, force: bool) -> dict:
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=48, do_sample=False)
         samples.append({"prompt": prompt, "greedy": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])})
+    same_windows = training_windows_loss(model, run_dir)
     mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(best["seq_length"] + 1),
          "--stride", str(best["seq_length"]), "--json", str(target / "eval_ppl.json"),
-         log=target / "eval_ppl.txt", threads=2)
+         log=target / "eval_ppl.txt", threads=threads)
     evaluation = json.loads((target / "eval_ppl.json").read_text())
     summary = {"run_id": best["run_id"], "hf_folder": str(folder), "model_class": type(model).__name__,
                "config_class": type(model.config).__name__, "samples": samples,
-               "training_final_validation_loss": best["loss"], "eval_ppl": evaluation}
+               "training_final_validation_loss": best["loss"], "hf_on_training_windows": same_windows,
+               "eval_ppl": evaluation}
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def training_windows_loss(model, run_dir: Path) -> dict:
+    """The converted model's loss on exactly the held-out windows the run's training-side
+    evaluation used: the same GPTDataset (megatron-core's builder, the run's seed and cached
+    indices), its first eval_batches micro-batches, the mean of their mean token losses."""
+    import torch
+
+    from data_prep.tokenizer import load_tokenizer
+    from pretrain.config import load_config
+    from pretrain.data import build_datasets
+
+    config = load_config(run_dir / "config.yaml", [])
+    train = config.train
+    datasets = build_datasets(config.data, load_tokenizer(config.data.tokenizer), seq_length=config.model.seq_length,
+                              seed=train.seed, train_samples=train.steps * train.global_batch_size,
+                              valid_samples=train.eval_batches * train.micro_batch_size,
+                              cache_dir=str(run_dir / "data_cache"))
+    means = []
+    with torch.no_grad():
+        for b in range(train.eval_batches):
+            samples = [datasets.valid[i] for i in range(b * train.micro_batch_size, (b + 1) * train.micro_batch_size)]
+            tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+            labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+            mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float()
+            logits = model(input_ids=tokens).logits.float()
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            means.append(float((per_token * mask).sum() / mask.sum()))
+    return {"batches": train.eval_batches, "micro_batch_size": train.micro_batch_size,
+            "tokens": train.eval_batches * train.micro_batch_size * config.model.seq_length,
+            "loss": sum(means) / len(means)}
 
 
 # --------------------------------------------------------------------------- main
@@ -301,6 +334,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/replication", help="where the results go (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="redo every step, even those already written")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads of mesh analyze and mesh eval (default %(default)s; 1 while training runs "
+                             "share the cores: more threads than free cores slow torch down many times)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +365,7 @@ def main() -> int:
     if (base_run / "COMPLETE").is_file() and (mesh_run / "COMPLETE").is_file() and \
             (args.force or not (analysis / "analysis.json").is_file()):
         mesh("analyze", str(base_run), "--compare", str(mesh_run), "--data", VALIDATION, "-n", "64",
-             "--out", str(analysis), "--overwrite", "--quiet", log=out / "analysis.txt", threads=2)
+             "--out", str(analysis), "--overwrite", "--quiet", log=out / "analysis.txt", threads=args.threads)
 
     hf = None
     mesh_groups = [g for g in groups.values() if g["variant"] == "mesh" and g["size"] == WIDTHS[-1]]
@@ -339,7 +375,7 @@ def main() -> int:
         import yaml
 
         seq_length = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["seq_length"]
-        hf = hf_check({**best_run, "run_dir": str(run_dir), "seq_length": seq_length}, out, args.force)
+        hf = hf_check({**best_run, "run_dir": str(run_dir), "seq_length": seq_length}, out, args.force, args.threads)
 
     summary = {"groups": groups, "claims": claims, "ablations": ablations, "hf": hf,
                "statuses": {"main": main_results.get("runs"), "ablations": (ablation_results or {}).get("runs")}}
