@@ -215,21 +215,35 @@ def plot_results(main: dict, groups: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    from matplotlib.ticker import FuncFormatter
+
+    from pretrain.run_folder import RunFolder
+
     fig, axes = plt.subplots(1, len(WIDTHS), figsize=(11, 4), sharey=False)
     for ax, size in zip(axes, WIDTHS):
         for variant in VARIANTS:
-            curves: dict[int, list[float]] = {}
-            for row in main["rows"]:
-                if row["size"] == size and row["variant"] == variant:
-                    curves.setdefault(row["tokens"], []).append(row["loss"])
-            if not curves:
+            group = groups.get(f"{size}.{variant}")
+            if not group:
                 continue
-            tokens = sorted(t for t in curves if t > 0)
-            means = [statistics.fmean(curves[t]) for t in tokens]
-            ax.plot(tokens, means, marker="o", ms=3, color=colors[variant], label=variant)
-        ax.set_title(f"{size}: validation loss (mean over seeds)")
+            # training loss every log interval, mean over the seeds (the same steps in every run)
+            curves: dict[int, list[float]] = {}
+            for run in group["runs"]:
+                for row in RunFolder(Path("runs/sweeps/replication") / run["run_id"]).metrics():
+                    if "train/loss" in row and "train/tokens" in row:
+                        curves.setdefault(int(row["train/tokens"]), []).append(row["train/loss"])
+            tokens = sorted(t for t in curves if t >= 40_000)
+            ax.plot(tokens, [statistics.fmean(curves[t]) for t in tokens], color=colors[variant], lw=1.2,
+                    label=f"{variant} (train)")
+            valid = {}
+            for row in main["rows"]:
+                if row["size"] == size and row["variant"] == variant and row["tokens"] > 0:
+                    valid.setdefault(row["tokens"], []).append(row["loss"])
+            ax.scatter(sorted(valid), [statistics.fmean(valid[t]) for t in sorted(valid)], color=colors[variant],
+                       s=18, zorder=3, edgecolors="black", linewidths=0.5)
+        ax.set_title(f"{size}: training loss (lines) and validation loss (dots), mean over seeds", fontsize=9)
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("validation loss (nats / token)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}K"))
+        ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
