@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -280,11 +279,9 @@ def hf_check(best: dict, out: Path, force: bool, threads: int = 2) -> dict:
     if summary_path.is_file() and not force:
         return json.loads(summary_path.read_text())
     run_dir = Path(best["run_dir"])
-    folder = HF_DIR / best["run_id"]
-    if folder.exists():
-        shutil.rmtree(folder)
+    folder = HF_DIR / best["run_id"]  # the script's own output: a rerun replaces it
     folder.parent.mkdir(parents=True, exist_ok=True)
-    mesh("convert", "hf", str(run_dir), str(folder), log=target / "convert.txt")
+    mesh("convert", "hf", str(run_dir), str(folder), "--overwrite", log=target / "convert.txt")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
