@@ -92,8 +92,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """What a user means by a checkpoint path: a step directory itself; a checkpoints folder or a
     run folder (one holding checkpoints/) its newest complete checkpoint. One-line error otherwise."""
     path = Path(path)
-    if (path / META).exists() or is_step_dir_name(path.name):
-        return path
+    if (path / META).exists() or (path / "state").is_dir() or is_step_dir_name(path.name):
+        return path  # a checkpoint directory, complete or not (its own error says which)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint, checkpoints folder or run folder")
