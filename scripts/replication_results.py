@@ -56,16 +56,14 @@ def mesh(*args: str, log: Path | None = None, threads: int | None = None, requir
     say("$ mesh " + " ".join(args))
     start = time.perf_counter()
     result = subprocess.run(["mesh", *args], capture_output=True, text=True, env=env)
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
     if result.returncode != 0 and not required:
         say(f"  skipped: {(result.stderr.strip().splitlines() or ['(no message)'])[-1]}")
-        if log is not None:
-            log.write_text(result.stdout + result.stderr)
         return None
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"replication_results: `mesh {' '.join(args)}` failed (exit {result.returncode})")
-    if log is not None:
-        log.write_text(result.stdout + result.stderr)
     say(f"  ({time.perf_counter() - start:.0f} s)")
     return result.stdout
 
@@ -212,12 +210,12 @@ def plot_results(main: dict, groups: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     from matplotlib.ticker import FuncFormatter
 
     from pretrain.run_folder import RunFolder
 
+    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    root = Path(main["root"])
     fig, axes = plt.subplots(1, len(WIDTHS), figsize=(11, 4), sharey=False)
     for ax, size in zip(axes, WIDTHS):
         for variant in VARIANTS:
@@ -227,7 +225,7 @@ def plot_results(main: dict, groups: dict, out: Path) -> None:
             # training loss every log interval, mean over the seeds (the same steps in every run)
             curves: dict[int, list[float]] = {}
             for run in group["runs"]:
-                for row in RunFolder(Path("runs/sweeps/replication") / run["run_id"]).metrics():
+                for row in RunFolder(root / run["run_id"]).metrics():
                     if "train/loss" in row and "train/tokens" in row:
                         curves.setdefault(int(row["train/tokens"]), []).append(row["train/loss"])
             tokens = sorted(t for t in curves if t >= 40_000)
@@ -271,14 +269,17 @@ def plot_results(main: dict, groups: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- conversion
 
 
-def hf_check(best: dict, out: Path, force: bool, threads: int = 2) -> dict:
-    """The best MeSH run through `mesh convert hf`, loaded with transformers, and `mesh eval ppl`."""
+def hf_check(best: dict, run_dir: Path, out: Path, force: bool, threads: int = 2) -> dict:
+    """The best MeSH run (its summarise() row, its folder) through `mesh convert hf`, loaded with
+    transformers, and `mesh eval ppl`."""
+    from pretrain.config import load_config
+
     target = out / "hf"
     target.mkdir(parents=True, exist_ok=True)
     summary_path = target / "hf_check.json"
     if summary_path.is_file() and not force:
         return json.loads(summary_path.read_text())
-    run_dir = Path(best["run_dir"])
+    config = load_config(run_dir / "config.yaml", [])
     folder = HF_DIR / best["run_id"]  # the script's own output: a rerun replaces it
     folder.parent.mkdir(parents=True, exist_ok=True)
     mesh("convert", "hf", str(run_dir), str(folder), "--overwrite", log=target / "convert.txt")
@@ -294,9 +295,9 @@ def hf_check(best: dict, out: Path, force: bool, threads: int = 2) -> dict:
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=48, do_sample=False)
         samples.append({"prompt": prompt, "greedy": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])})
-    same_windows = training_windows_loss(model, run_dir)
-    mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(best["seq_length"] + 1),
-         "--stride", str(best["seq_length"]), "--json", str(target / "eval_ppl.json"),
+    same_windows = training_windows_loss(model, config, run_dir)
+    seq_length = config.model.seq_length
+    mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(seq_length + 1), "--stride", str(seq_length), "--json", str(target / "eval_ppl.json"),
          log=target / "eval_ppl.txt", threads=threads)
     evaluation = json.loads((target / "eval_ppl.json").read_text())
     summary = {"run_id": best["run_id"], "hf_folder": str(folder), "model_class": type(model).__name__,
@@ -307,17 +308,15 @@ def hf_check(best: dict, out: Path, force: bool, threads: int = 2) -> dict:
     return summary
 
 
-def training_windows_loss(model, run_dir: Path) -> dict:
+def training_windows_loss(model, config, run_dir: Path) -> dict:
     """The converted model's loss on exactly the held-out windows the run's training-side
     evaluation used: the same GPTDataset (megatron-core's builder, the run's seed and cached
     indices), its first eval_batches micro-batches, the mean of their mean token losses."""
     import torch
 
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.config import load_config
     from pretrain.data import build_datasets
 
-    config = load_config(run_dir / "config.yaml", [])
     train = config.train
     datasets = build_datasets(config.data, load_tokenizer(config.data.tokenizer), seq_length=config.model.seq_length,
                               seed=train.seed, train_samples=train.steps * train.global_batch_size,
@@ -372,7 +371,8 @@ def main() -> int:
 
     # base vs MeSH at the larger width, seed 1 (the same held-out tokens for both)
     analysis = out / "analysis"
-    base_run, mesh_run = (Path(f"runs/sweeps/replication/d256.{v}.t400k.s1") for v in ("base", "mesh"))
+    root = Path(main_results["root"])
+    base_run, mesh_run = (root / f"d256.{v}.t400k.s1" for v in ("base", "mesh"))
     if (base_run / "COMPLETE").is_file() and (mesh_run / "COMPLETE").is_file() and \
             (args.force or not (analysis / "analysis.json").is_file()):
         mesh("analyze", str(base_run), "--compare", str(mesh_run), "--data", VALIDATION, "-n", "64",
@@ -382,11 +382,7 @@ def main() -> int:
     mesh_groups = [g for g in groups.values() if g["variant"] == "mesh" and g["size"] == WIDTHS[-1]]
     if mesh_groups:
         best_run = min(mesh_groups[0]["runs"], key=lambda r: r["loss"])
-        run_dir = Path("runs/sweeps/replication") / best_run["run_id"]
-        import yaml
-
-        seq_length = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["seq_length"]
-        hf = hf_check({**best_run, "run_dir": str(run_dir), "seq_length": seq_length}, out, args.force, args.threads)
+        hf = hf_check(best_run, root / best_run["run_id"], out, args.force, args.threads)
 
     summary = {"groups": groups, "claims": claims, "ablations": ablations, "hf": hf,
                "statuses": {"main": main_results.get("runs"), "ablations": (ablation_results or {}).get("runs")}}
