@@ -105,6 +105,14 @@ class Coefficient:
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
+def _law_value(law: str, c: dict[str, float], n, d=None) -> np.ndarray:
+    """The law with coefficients `c` at (n, d); A/N^alpha has no E."""
+    out = c.get("E", 0.0) + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
+    if law == LAW_ND:
+        out = out + c["B"] / np.asarray(d, dtype=float) ** c["beta"]
+    return out
+
+
 @dataclass
 class LawFit:
     law: str
@@ -123,23 +131,13 @@ class LawFit:
         if self.bootstrap_coefficients is None or not len(self.bootstrap_coefficients):
             return None
         names = list(self.coefficients)
-        curves = []
-        for row in self.bootstrap_coefficients:
-            c = dict(zip(names, row))
-            curve = c.get("E", 0.0) + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
-            if self.law == LAW_ND:
-                curve = curve + c["B"] / np.asarray(d, dtype=float) ** c["beta"]
-            curves.append(curve)
+        curves = [_law_value(self.law, dict(zip(names, row)), n, d) for row in self.bootstrap_coefficients]
         tail = (1 - self.confidence) / 2 * 100
         low, high = np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
         return low, high
 
     def predict(self, n, d=None) -> np.ndarray:
-        c = {k: v.value for k, v in self.coefficients.items()}
-        out = c.get("E", 0.0) + c["A"] / np.asarray(n, dtype=float) ** c["alpha"]
-        if self.law == LAW_ND:
-            out = out + c["B"] / np.asarray(d, dtype=float) ** c["beta"]
-        return out
+        return _law_value(self.law, {k: v.value for k, v in self.coefficients.items()}, n, d)
 
     def to_dict(self) -> dict:
         return {"law": self.law, "points": self.points, "objective": self.objective,

@@ -108,7 +108,7 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
         hours = sum(r["gpu_hours"] for r in rows)
         source = (f"measured by a {probe.steps}-step probe of {probe.run_id} on this machine ({probe.processes} process"
                   f"{'es' if probe.processes > 1 else ''})" if probe else "given")
-        wall = sum(run_hours(run, reference, tokens_per_s) for run in sweep.runs)
+        wall = hours / gpus  # the runs one after another
         out.append(f"{unit}-hours: {_hours(hours)} in all, {gpus} {unit}(s) per run ({_hours(wall)} run-hours one after "
                    f"another), from {tokens_per_s:,.0f} tokens/s for {reference.run_id} ({source}), scaled to each run "
                    "by its FLOPs per token")
