@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.config import load_config  # noqa: E402
 from pretrain.memory_estimate import RESERVE_BYTES, estimate_memory  # noqa: E402
-from pretrain.memory_measure import engine_model_state_bytes, saved_activations  # noqa: E402
+from pretrain.memory_measure import measure_engine, saved_activations  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64", "train.micro_batch_size=4",
@@ -105,7 +105,7 @@ def cpu_table() -> list[dict]:
         plan = ParallelPlan.build(config, 1)
         ctx = init_distributed(plan, seed=1234)
         try:
-            measured_state = engine_model_state_bytes(config, plan, ctx.groups)
+            measured_state = measure_engine(config, plan, ctx.groups).model_state
         finally:
             destroy_distributed()
         rows.append({"config": name, "layout": "world 1, ZeRO 1", "quantity": "parameters + gradients + optimizer",
@@ -124,7 +124,7 @@ def gpu_table() -> list[dict]:
         ctx = init_distributed(plan, seed=1234)
         try:
             torch.cuda.reset_peak_memory_stats()
-            state = engine_model_state_bytes(config, plan, ctx.groups)
+            state = measure_engine(config, plan, ctx.groups).model_state
             peak = torch.cuda.max_memory_allocated()
         finally:
             destroy_distributed()

@@ -108,6 +108,19 @@ def _lr_factor(step: int, **kwargs) -> float:
 
 
 # --------------------------------------------------------------- DeepSpeed config
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default zero_optimization.reduce_bucket_size."""
+
+
+def reduce_bucket_elements(rank_parameters: int) -> int:
+    """The ZeRO gradient-reduction bucket for a rank holding `rank_parameters` (its tensor and
+    pipeline shard): DeepSpeed's default, but never more than those parameters. ZeRO 1/2
+    allocate the whole bucket at every backward (ZeRO-3 once, up front) whatever the model's
+    size, so at the default a small model's rank stages 2 GB of fp32 for a fraction of that in
+    gradients; a bucket larger than all of them only wastes memory."""
+    return max(1, min(DEEPSPEED_REDUCE_BUCKET_ELEMENTS, int(rank_parameters)))
+
+
 def deepspeed_config(
     *,
     micro_batch_size: int,
@@ -115,6 +128,7 @@ def deepspeed_config(
     grad_clip: float,
     zero_stage: int,
     bf16: bool,
+    reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET_ELEMENTS,
     external_accumulation: bool = False,
 ) -> dict:
     """The DeepSpeed config dict :func:`build_engine` uses (optimizer and scheduler
@@ -125,7 +139,7 @@ def deepspeed_config(
         "gradient_accumulation_steps": grad_accum_steps,
         # 0 disables clipping.
         "gradient_clipping": float(grad_clip),
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": int(reduce_bucket_size)},
         "bf16": {"enabled": bool(bf16)},
         # The client optimizer is torch.optim.AdamW; DeepSpeed only "tests" its own
         # optimizers with ZeRO and refuses others unless told.
@@ -193,6 +207,7 @@ def build_engine(
         grad_clip=optim.grad_clip,
         zero_stage=plan.zero_stage,
         bf16=bf16,
+        reduce_bucket_size=reduce_bucket_elements(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         external_accumulation=plan.pipelined,
     )
     if not dist.is_initialized():

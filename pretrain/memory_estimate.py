@@ -15,12 +15,13 @@ train.bf16, else 4; DP the data-parallel size; DeepSpeed 0.19.8's ZeRO optimizer
 | 0    | p P        | p P        | 8 P (torch AdamW state)             |                    |
 | 1    | p P        | p P        | 12 P / DP                           |                    |
 | 2    | p P        | p P / DP   | 12 P / DP                           |                    |
-| 3    | p P / DP   | p P / DP   | 12 P / DP                           | p x 5e8 (bucket)   |
+| 3    | p P / DP   | p P / DP   | 12 P / DP                           | p x bucket         |
 
 (measured on the real engine after a backward pass, when gradients and Adam moments are both
-live). On top, transient: the step's fp32 gradient partition (4 P / DP) with DeepSpeed's
-reduction bucket (reduce_bucket_size, 5e8 elements by default, capped at P), or for ZeRO-3 the
-parameters gathered for the layer being computed.
+live). The bucket is DeepSpeed's gradient-reduction bucket, min(5e8, P) elements
+(pretrain/engine.reduce_bucket_elements sets reduce_bucket_size so). On top, transient: the
+step's fp32 gradient partition (4 P / DP) with that bucket (ZeRO 0-2 stage gradients in it
+during backward), or for ZeRO-3 the parameters gathered for the layer being computed.
 
 Activations: the bytes autograd saves for backward in one micro-batch's forward pass, counted
 op by op from what this implementation saves (pretrain/memory_measure.py measures it;
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mesh_model.config import ModelConfig
+from pretrain.engine import reduce_bucket_elements
 
 if TYPE_CHECKING:
     from pretrain.config import RunConfig
@@ -59,8 +61,6 @@ if TYPE_CHECKING:
 GIB = 2**30
 RESERVE_BYTES = 2 * GIB
 """CUDA context (~0.5-1 GiB), NCCL buffers and caching-allocator fragmentation."""
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-"""DeepSpeed's default zero_optimization.reduce_bucket_size (this project does not change it)."""
 ZERO3_PREFETCH_ELEMENTS = 50_000_000
 """DeepSpeed's default stage3_prefetch_bucket_size."""
 
@@ -258,7 +258,7 @@ def _model_state(parameters: int, zero: int, data: int, p: int) -> tuple[int, in
     if zero == 2:
         return p * parameters, p * partition, 12 * partition, 0
     # ZeRO-3 allocates its gradient-reduction bucket (reduce_bucket_size elements) up front.
-    return p * partition, p * partition, 12 * partition, p * REDUCE_BUCKET_ELEMENTS
+    return p * partition, p * partition, 12 * partition, p * reduce_bucket_elements(parameters)
 
 
 def estimate_memory(config: "RunConfig", world_size: int) -> MemoryEstimate:
@@ -298,7 +298,7 @@ def estimate_memory(config: "RunConfig", world_size: int) -> MemoryEstimate:
         if plan.zero_stage == 3:
             step = 4 * partition + p * min(parameters, layer_parameters(model, plan.tensor) + ZERO3_PREFETCH_ELEMENTS)
         else:
-            step = (4 * partition if plan.zero_stage else 0) + p * min(REDUCE_BUCKET_ELEMENTS, parameters)
+            step = (4 * partition if plan.zero_stage else 0) + p * reduce_bucket_elements(parameters)
         rebuilt = _layer_bytes(shape) if any(model.recomputes(op.block, op.loop) for op in ops if op.kind == "layer") else 0
         logits_grad = shape.tokens * 4 * shape.vocab // shape.tensor if last else 0
         stages.append(StageMemory(

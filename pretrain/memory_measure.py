@@ -4,11 +4,12 @@
   seen through `torch.autograd.graph.saved_tensors_hooks`. A tensor counts by its storage, once
   (a view of a saved tensor, or one tensor saved by two ops, holds no more memory), and
   parameters do not count (they are the model's state, not activations).
-- `live_tensor_bytes`: the bytes of every tensor reachable from Python, by unique storage (the
-  model's parameters and gradients, and DeepSpeed's flat buffers, master weights and Adam
-  moments, which are all Python-held tensors).
-- `engine_model_state_bytes`: `live_tensor_bytes` of a real DeepSpeed engine after two training
-  steps (so Adam's state exists), at a plan's layout.
+- `live_storages`: every tensor storage reachable from Python, once (the model's parameters and
+  gradients, and DeepSpeed's flat buffers, master weights and Adam moments, which are all
+  Python-held tensors).
+- `measure_engine`: a real DeepSpeed engine at a plan's layout over two training steps: its
+  first forward's saved activations and the live storages it added after the second backward
+  (so Adam's state exists), with ZeRO's per-backward reduction bucket told apart.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def saved_activations(forward: Callable[[], torch.Tensor], exclude: Iterable[tor
     return SavedTensors(seen, output)
 
 
-def live_tensor_bytes() -> int:
-    """Bytes of all tensor storages reachable through Python objects (each storage once)."""
+def live_storages() -> dict[tuple[int, int], int]:
+    """Every tensor storage reachable through Python objects, once each: {(data_ptr, nbytes): nbytes}."""
     gc.collect()
     seen: dict[tuple[int, int], int] = {}
     for obj in gc.get_objects():
@@ -78,13 +79,51 @@ def live_tensor_bytes() -> int:
                 seen[key] = key[1]
         except (ReferenceError, RuntimeError):  # a dead weak proxy, or a tensor without storage
             continue
-    return sum(seen.values())
+    return seen
 
 
-def engine_model_state_bytes(config, plan, groups) -> int:
-    """Bytes the model and its DeepSpeed engine hold after a backward pass (parameters, gradients,
-    fp32 master weights, Adam moments, DeepSpeed's buffers), measured on a real engine built for
-    `plan` (the caller has initialised its process groups) over two steps of random tokens."""
+def live_tensor_bytes() -> int:
+    """Bytes of all tensor storages reachable through Python objects (each storage once)."""
+    return sum(live_storages().values())
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What one rank of a real DeepSpeed engine holds, in bytes."""
+
+    activations: int
+    """Saved for backward by the first micro-batch's forward pass (parameters excluded)."""
+    model_state: int
+    """Live after the second backward pass (after a first step, so Adam's state exists):
+    parameters, gradients, fp32 master weights, Adam moments, DeepSpeed's persistent buffers."""
+    reduction_bucket: int
+    """ZeRO 1/2's gradient-reduction bucket from that backward, when something still held it
+    as it was measured (usually 0: DeepSpeed releases it at the backward's end; once, in CI, one
+    rank of two still held it). Transient, so it is kept out of `model_state`."""
+
+
+def record_reduction_buckets(optimizer) -> set[tuple[int, int]]:
+    """Storage keys of the buckets ZeRO 1/2 allocate at each backward (`setup_buckets`), added
+    to the returned set as they are made; empty for ZeRO 0 and 3 (whose bucket is persistent)."""
+    keys: set[tuple[int, int]] = set()
+    setup = getattr(optimizer, "setup_buckets", None)
+    if setup is None:
+        return keys
+
+    def recording_setup(*args, **kwargs):
+        result = setup(*args, **kwargs)
+        for bucket in optimizer.ipg_buckets.values():
+            keys.update(_storage_key(t) for t in bucket.buffer)
+        return result
+
+    optimizer.setup_buckets = recording_setup
+    return keys
+
+
+def measure_engine(config, plan, groups) -> EngineMemory:
+    """Builds the model and its DeepSpeed engine for `plan` (the caller has initialised its
+    process groups) and runs two steps of random tokens (seeded by the data-parallel rank),
+    measuring the first forward pass's saved tensors and the state after the second backward."""
     from mesh_model.model import build_model
     from pretrain.engine import build_engine
 
@@ -92,16 +131,27 @@ def engine_model_state_bytes(config, plan, groups) -> int:
     before = live_tensor_bytes()
     model = build_model(config.model, plan.model_parallelism, params_dtype=torch.bfloat16 if bf16 else torch.float32)
     engine, _ = build_engine(model, plan=plan, groups=groups, optim=config.optim, total_steps=4, bf16=bf16)
-    b, s = config.train.micro_batch_size, config.model.seq_length
+    buckets = record_reduction_buckets(engine.optimizer)
+    b, s = plan.micro_batch_size, config.model.seq_length
     device = next(model.parameters()).device
-    tokens = torch.randint(0, config.model.vocab_size, (b, s), device=device)
+    generator = torch.Generator().manual_seed(plan.dp_rank)
+    tokens = torch.randint(0, config.model.vocab_size, (b, s), generator=generator).to(device)
     positions = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+    activations = None
     for step in range(2):
-        loss = engine(tokens, positions, None, labels=tokens).mean()
+        buckets.clear()  # only the last backward's bucket can still be live at the end
+        saved = saved_activations(lambda: engine(tokens, positions, None, labels=tokens),
+                                  exclude=list(engine.module.parameters()))
+        if activations is None:
+            activations = saved.bytes
+        loss = saved.output.mean()
+        del saved
         engine.backward(loss)
         del loss
         if step == 0:
             engine.step()
-    measured = live_tensor_bytes() - before
+    after = live_storages()
+    bucket = sum(n for key, n in after.items() if key in buckets)
     del engine, model
-    return measured
+    return EngineMemory(activations=activations, model_state=sum(after.values()) - before - bucket,
+                        reduction_bucket=bucket)

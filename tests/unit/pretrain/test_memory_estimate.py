@@ -14,7 +14,7 @@ from mesh_model.model import ModelParallelism, build_model
 from mesh_model.params import count_parameters
 from pretrain.config import load_config
 from pretrain.memory_estimate import GIB, estimate_memory
-from pretrain.memory_measure import engine_model_state_bytes, saved_activations
+from pretrain.memory_measure import live_storages, measure_engine, record_reduction_buckets, saved_activations
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -100,11 +100,40 @@ def test_model_state_matches_the_deepspeed_engine(single_process_env, zero, bf16
     plan = ParallelPlan.build(config, 1)
     ctx = init_distributed(plan, seed=1234)
     try:
-        measured = engine_model_state_bytes(config, plan, ctx.groups)
+        measured = measure_engine(config, plan, ctx.groups).model_state
     finally:
         destroy_distributed()
     estimate = estimate_memory(config, 1).worst
     assert estimate.model_state_bytes == pytest.approx(measured, rel=0.01), (estimate.model_state_bytes, measured)
+
+
+def test_zero1_reduction_bucket_is_at_most_the_ranks_gradients(single_process_env):
+    """DeepSpeed allocates its whole reduction bucket at every ZeRO-1/2 backward; capped at the
+    rank's parameters it is 4 P bytes here (fp32), not DeepSpeed's default 2e9, it is released
+    by the end of the backward, and the estimate's transient holds it."""
+    from pretrain.engine import build_engine
+    from pretrain.parallel.distributed import destroy_distributed, init_distributed
+    from pretrain.parallel.plan import ParallelPlan
+
+    config = load_config(DEMO, TINY + ["parallel.zero_stage=1", "train.micro_batch_size=2",
+                                       "train.global_batch_size=2", "model.seq_length=32"])
+    plan = ParallelPlan.build(config, 1)
+    ctx = init_distributed(plan, seed=1234)
+    try:
+        model = build_model(config.model, plan.model_parallelism)
+        engine, _ = build_engine(model, plan=plan, groups=ctx.groups, optim=config.optim, total_steps=2, bf16=False)
+        buckets = record_reduction_buckets(engine.optimizer)
+        tokens = torch.randint(0, config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(32).unsqueeze(0).expand(2, -1)
+        engine.backward(engine(tokens, positions, None, labels=tokens).mean())
+        parameters = sum(p.numel() for p in model.parameters())
+        assert [nbytes for _, nbytes in buckets] == [4 * parameters]
+        assert not buckets & live_storages().keys()
+        del engine, model
+    finally:
+        destroy_distributed()
+    estimate = estimate_memory(config, 1).worst
+    assert estimate.parameters == parameters and estimate.transient_bytes >= 4 * parameters
 
 
 @pytest.mark.parametrize("path, world", [("configs/pythia-6.9b/mesh.yaml", 32), ("configs/pythia-12b/mesh.yaml", 32),
