@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     from analysis import checkpoint as checkpoints
     from analysis import heldout, plots
     from analysis.report import analyze
-    from mesh_cli.main import CLIError
+    from mesh_cli.errors import CLIError
     from mesh_model.params import single_process_model_parallel
     from pretrain.compat import apply_cpu_shim
 

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from mesh_cli.errors import CLIError
 from pretrain.library_warnings import quiet_known_warnings
 
 quiet_known_warnings()  # before any subcommand imports megatron-core
@@ -27,10 +28,6 @@ _REGISTRARS = [
     "sweep.cli",
     "mesh_hf.cli",
 ]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def _user_errors() -> dict[type[BaseException], int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mesh_cli.main import CLIError
+from mesh_cli.errors import CLIError
 
 
 class IntermixedParser(argparse.ArgumentParser):

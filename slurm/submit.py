@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mesh_cli.main import CLIError
+from mesh_cli.errors import CLIError
 from mesh_model.config import ConfigError
 from pretrain.run_folder import read_jsonl
 from slurm import scheduler

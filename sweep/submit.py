@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mesh_cli.main import CLIError
+from mesh_cli.errors import CLIError
 from mesh_model.config import ConfigError
 
 # flag dest -> SlurmResources field, for the flags that override a sweep file's `slurm:` section
