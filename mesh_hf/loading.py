@@ -18,15 +18,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def kind_of(path: Path) -> str:
     """"hf" (a model folder), "checkpoint" (a training checkpoint directory); one-line error otherwise."""
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / ckpt.META).is_file() or (path / "state").is_dir():
-        return "checkpoint"
-    if (path / "checkpoints").is_dir() or any(ckpt.is_step_dir_name(p.name) for p in path.glob("step*")):
-        return "checkpoint"  # a run or checkpoints folder: its newest complete checkpoint
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory (runs/x/checkpoints/stepN) "
                                 "or a Hugging Face model folder")
+    if (path / "config.json").is_file():
+        return "hf"
+    if ckpt.is_checkpoint_dir(path) or ckpt.holds_checkpoints(path):
+        return "checkpoint"  # a step directory, or a run or checkpoints folder (its newest complete one)
     raise FileNotFoundError(f"{path} is neither a Hugging Face model folder (no config.json) nor a training "
                             f"checkpoint (no {ckpt.META})")
 

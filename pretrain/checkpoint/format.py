@@ -88,12 +88,22 @@ def is_step_dir_name(name: str) -> bool:
     return bool(_STEP_DIR.match(name))
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """A step directory, complete or not: it has meta.json or state/, or a step directory's name."""
+    return (path / META).exists() or (path / "state").is_dir() or is_step_dir_name(path.name)
+
+
+def holds_checkpoints(path: Path) -> bool:
+    """A run folder (it has checkpoints/) or a checkpoints folder (it has step directories)."""
+    return (path / "checkpoints").is_dir() or any(is_step_dir_name(p.name) for p in path.glob("step*"))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """What a user means by a checkpoint path: a step directory itself; a checkpoints folder or a
     run folder (one holding checkpoints/) its newest complete checkpoint. One-line error otherwise."""
     path = Path(path)
-    if (path / META).exists() or (path / "state").is_dir() or is_step_dir_name(path.name):
-        return path  # a checkpoint directory, complete or not (its own error says which)
+    if is_checkpoint_dir(path):
+        return path  # complete or not (its own error says which)
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint, checkpoints folder or run folder")
