@@ -67,7 +67,9 @@ def run_hours(run: SweepRun, reference: SweepRun, tokens_per_s: float) -> float:
     return run.tokens / rate / 3600
 
 
-def plan_rows(sweep: Sweep, tokens_per_s: Optional[float], gpus: int) -> list[dict]:
+def plan_rows(sweep: Sweep, tokens_per_s: Optional[float], devices: int) -> list[dict]:
+    """One row per run; "device_hours" are hours x `devices` per run (GPUs, or cores on a CPU
+    sweep: devices_per_run says which)."""
     reference = smallest_run(sweep)
     rows = []
     for run in sweep.runs:
@@ -76,7 +78,7 @@ def plan_rows(sweep: Sweep, tokens_per_s: Optional[float], gpus: int) -> list[di
             "run_id": run.run_id, "variant": run.variant, "size": run.size,
             "parameters": run.params_non_embedding, "parameters_total": run.params_total,
             "tokens": run.tokens, "steps": run.steps, "flops": run.flops,
-            "gpu_hours": None if hours is None else hours * gpus,
+            "device_hours": None if hours is None else hours * devices,
         })
     return rows
 
@@ -92,7 +94,7 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
     header = ("run", "variant", "size", "non-emb params", "total params", "tokens", "steps", "FLOPs", f"{unit}-hours")
     lines = [[r["run_id"], r["variant"], r["size"], f"{r['parameters']:,}", f"{r['parameters_total']:,}",
               f"{r['tokens']:,}", f"{r['steps']:,}", f"{r['flops']:.3e}",
-              _hours(r["gpu_hours"])] for r in rows]
+              _hours(r["device_hours"])] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     right = {3, 4, 5, 6, 7, 8}
 
@@ -105,7 +107,7 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
     out.append(f"total: {sum(r['tokens'] for r in rows):,} tokens, {total_flops:.3e} FLOPs")
     reference = smallest_run(sweep)
     if tokens_per_s:
-        hours = sum(r["gpu_hours"] for r in rows)
+        hours = sum(r["device_hours"] for r in rows)
         source = (f"measured by a {probe.steps}-step probe of {probe.run_id} on this machine ({probe.processes} process"
                   f"{'es' if probe.processes > 1 else ''})" if probe else "given")
         wall = hours / gpus  # the runs one after another

@@ -37,12 +37,12 @@ def sweep_file(tmp_path):
 
 def test_plan_scales_the_throughput_by_flops_per_token(sweep_file):
     sweep = load_sweep(sweep_file)
-    rows = {r["run_id"]: r for r in plan_rows(sweep, tokens_per_s=1000.0, gpus=8)}
+    rows = {r["run_id"]: r for r in plan_rows(sweep, tokens_per_s=1000.0, devices=8)}
     small, large = sweep.runs[0], sweep.runs[-1]  # the smallest run is the reference
-    assert rows[small.run_id]["gpu_hours"] == pytest.approx(small.tokens / 1000.0 / 3600 * 8)
+    assert rows[small.run_id]["device_hours"] == pytest.approx(small.tokens / 1000.0 / 3600 * 8)
     # At equal FLOP/s a run with twice the FLOPs per token takes twice as long per token.
     ratio = large.flops_per_token / small.flops_per_token
-    assert rows[large.run_id]["gpu_hours"] == pytest.approx(large.tokens / (1000.0 / ratio) / 3600 * 8)
+    assert rows[large.run_id]["device_hours"] == pytest.approx(large.tokens / (1000.0 / ratio) / 3600 * 8)
     table = plan_table(sweep, tokens_per_s=1000.0)
     assert "8 GPU(s) per run" in table and small.run_id in table and f"{large.params_total:,}" in table
     assert "--tokens-per-s" in plan_table(sweep)  # without a throughput: how to get GPU-hours
