@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.config import load_config  # noqa: E402
 from pretrain.memory_estimate import RESERVE_BYTES, estimate_memory  # noqa: E402
-from pretrain.memory_measure import measure_engine, saved_activations  # noqa: E402
+from pretrain.memory_measure import measure_engine, stage_activation_bytes  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64", "train.micro_batch_size=4",
@@ -52,31 +52,6 @@ CONFIGS = {
     "mesh 1+2R2+1, d=128, bf16": ["model.variant=mesh", "model.hidden_size=128", "train.bf16=true"],
 }
 LAYOUTS = {"PP 1": ["parallel.pipeline=1"], "PP 2": ["parallel.pipeline=2"]}
-
-
-def measured_activations(config) -> list[int]:
-    from mesh_model.model import ModelParallelism, build_model
-
-    pipeline = config.parallel.pipeline
-    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
-    b, s = config.train.micro_batch_size, config.model.seq_length
-    tokens = torch.randint(0, config.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
-    out = []
-    for stage in range(pipeline):
-        model = build_model(config.model, ModelParallelism.stage(config.model, pipeline, stage),
-                            use_transformer_engine=False, params_dtype=dtype).to(dtype)
-        model.train()
-        held = []
-        if stage > 0:
-            received = torch.randn(s, b, model.packed_width("recv"), dtype=dtype, requires_grad=True)
-            model.set_input_tensor(received)
-            held.append(received)
-        saved = saved_activations(lambda: model(tokens, positions, None, labels=tokens), exclude=list(model.parameters()))
-        if stage < pipeline - 1:
-            held.append(saved.output)
-        out.append(saved.with_tensors(*held))
-    return out
 
 
 def cpu_table() -> list[dict]:
@@ -95,7 +70,7 @@ def cpu_table() -> list[dict]:
             estimate = estimate_memory(config, config.parallel.pipeline)
             with single_process_model_parallel():
                 tensor_parallel.model_parallel_cuda_manual_seed(1234)
-                measured = measured_activations(config)
+                measured = [stage_activation_bytes(config, k) for k in range(config.parallel.pipeline)]
             per_stage = [(s.activation_bytes_per_microbatch, m) for s, m in zip(estimate.stages, measured)]
             worst = max(range(len(per_stage)), key=lambda i: per_stage[i][1])
             rows.append({"config": name, "layout": layout, "quantity": "activations / micro-batch (worst stage)",

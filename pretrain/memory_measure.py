@@ -4,6 +4,8 @@
   seen through `torch.autograd.graph.saved_tensors_hooks`. A tensor counts by its storage, once
   (a view of a saved tensor, or one tensor saved by two ops, holds no more memory), and
   parameters do not count (they are the model's state, not activations).
+- `stage_activation_bytes`: `saved_activations` of one micro-batch through a pipeline stage,
+  with what the stage received and sent.
 - `live_storages`: every tensor storage reachable from Python, once (the model's parameters and
   gradients, and DeepSpeed's flat buffers, master weights and Adam moments, which are all
   Python-held tensors).
@@ -64,6 +66,31 @@ def saved_activations(forward: Callable[[], torch.Tensor], exclude: Iterable[tor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = forward()
     return SavedTensors(seen, output)
+
+
+def stage_activation_bytes(config, stage: int = 0) -> int:
+    """Saved-for-backward bytes of one micro-batch of random tokens through pipeline `stage` of
+    `config`'s model (one process, no engine), plus what a pipeline stage also holds until its
+    backward: the activations it received and the ones it sent."""
+    from mesh_model.model import ModelParallelism, build_model
+
+    pipeline = config.parallel.pipeline
+    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
+    model = build_model(config.model, ModelParallelism.stage(config.model, pipeline, stage),
+                        use_transformer_engine=False, params_dtype=dtype).to(dtype)  # as DeepSpeed casts it
+    model.train()
+    b, s = config.train.micro_batch_size, config.model.seq_length
+    tokens = torch.randint(0, config.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
+    held = []
+    if stage > 0:
+        received = torch.randn(s, b, model.packed_width("recv"), dtype=dtype, requires_grad=True)
+        model.set_input_tensor(received)
+        held.append(received)
+    saved = saved_activations(lambda: model(tokens, positions, None, labels=tokens), exclude=list(model.parameters()))
+    if stage < pipeline - 1:
+        held.append(saved.output)
+    return saved.with_tensors(*held)
 
 
 def live_storages() -> dict[tuple[int, int], int]:

@@ -14,34 +14,14 @@ from mesh_model.model import ModelParallelism, build_model
 from mesh_model.params import count_parameters
 from pretrain.config import load_config
 from pretrain.memory_estimate import GIB, estimate_memory
-from pretrain.memory_measure import live_storages, measure_engine, record_reduction_buckets, saved_activations
+from pretrain.memory_measure import (live_storages, measure_engine, record_reduction_buckets,
+                                     stage_activation_bytes)
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "demo.yaml"
 TINY = ["model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64", "train.micro_batch_size=4",
         "train.global_batch_size=16", "train.device=cpu"]
 BF16 = ["train.bf16=true", "parallel.zero_stage=1"]
-
-
-def measured_stage_bytes(config, stage: int = 0) -> int:
-    """Saved-for-backward bytes of one micro-batch through `stage`, plus what it received and sent."""
-    pipeline = config.parallel.pipeline
-    dtype = torch.bfloat16 if config.train.bf16 else torch.float32
-    model = build_model(config.model, ModelParallelism.stage(config.model, pipeline, stage),
-                        use_transformer_engine=False, params_dtype=dtype).to(dtype)  # as DeepSpeed casts it
-    model.train()
-    b, s = config.train.micro_batch_size, config.model.seq_length
-    tokens = torch.randint(0, config.model.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
-    held = []
-    if stage > 0:
-        received = torch.randn(s, b, model.packed_width("recv"), dtype=dtype, requires_grad=True)
-        model.set_input_tensor(received)
-        held.append(received)
-    saved = saved_activations(lambda: model(tokens, positions, None, labels=tokens), exclude=list(model.parameters()))
-    if stage < pipeline - 1:
-        held.append(saved.output)  # the schedule keeps what it sent until the backward
-    return saved.with_tensors(*held)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -58,7 +38,7 @@ def measured_stage_bytes(config, stage: int = 0) -> int:
 def test_activation_estimate_matches_saved_tensor_bytes(model_parallel, overrides):
     config = load_config(DEMO, TINY + overrides)
     estimated = estimate_memory(config, 1).worst.activation_bytes_per_microbatch
-    measured = measured_stage_bytes(config)
+    measured = stage_activation_bytes(config)
     assert estimated == pytest.approx(measured, rel=0.10), (estimated, measured)
 
 
@@ -66,7 +46,7 @@ def test_recompute_estimates_bracket_the_configured_one(model_parallel):
     stage = estimate_memory(load_config(DEMO, TINY + ["model.recompute=[core]"]), 1).worst
     assert stage.activation_bytes_full_recompute < stage.activation_bytes_per_microbatch < stage.activation_bytes_no_recompute
     # The configured estimate is what a model without the setting and one with it measure.
-    plain = measured_stage_bytes(load_config(DEMO, TINY))
+    plain = stage_activation_bytes(load_config(DEMO, TINY))
     assert stage.activation_bytes_no_recompute == pytest.approx(plain, rel=0.10)
 
 
@@ -82,7 +62,7 @@ def test_every_pipeline_stage_parameters_exactly_and_activations_within_10_perce
         built = build_model(config.model, ModelParallelism.stage(config.model, config.parallel.pipeline, stage.stage),
                             use_transformer_engine=False)
         assert stage.parameters == count_parameters(built).total
-        measured = measured_stage_bytes(config, stage.stage)
+        measured = stage_activation_bytes(config, stage.stage)
         assert stage.activation_bytes_per_microbatch == pytest.approx(measured, rel=0.10), (stage.stage, measured)
     # 1F1B: the first stage holds one micro-batch per stage in flight, the last one.
     assert [s.in_flight for s in estimate.stages] == list(range(config.parallel.pipeline, 0, -1))
