@@ -3,7 +3,7 @@
 # the project's own commands:
 #   1. the corpus: this Python's standard library + the Python documentation's reStructuredText
 #      sources (Debian's python3.11-doc), held-out validation documents, a 4,096-piece tokenizer;
-#   2. configs/sweeps/replication.yaml (2 widths x 6 variants, 3 + 2 seeds) and then
+#   2. configs/sweeps/replication.yaml (2 widths x 6 variants, 3 seeds each) and then
 #      configs/sweeps/replication-ablations.yaml as SLURM job arrays on the local cluster;
 #   3. mesh sweep collect / fit, mesh analyze --compare (base vs MeSH, d=256), the best MeSH run
 #      converted with mesh convert hf, loaded in transformers, a greedy sample, mesh eval ppl;
@@ -48,7 +48,7 @@ start=$(date +%s)
 while [ -n "$(squeue -h -o %i 2>/dev/null)" ]; do
   sleep 60
   done_runs=$(ls runs/sweeps/replication*/*/COMPLETE 2>/dev/null | wc -l)
-  say "$(( ($(date +%s) - start) / 60 )) min: $done_runs of 39 runs complete, $(squeue -h -t R -o %i | wc -l) running"
+  say "$(( ($(date +%s) - start) / 60 )) min: $done_runs of 45 runs complete, $(squeue -h -t R -o %i | wc -l) running"
 done
 
 # --- 3. results ------------------------------------------------------------------------------

@@ -278,7 +278,9 @@ def hf_check(best: dict, run_dir: Path, out: Path, force: bool, threads: int = 2
     target.mkdir(parents=True, exist_ok=True)
     summary_path = target / "hf_check.json"
     if summary_path.is_file() and not force:
-        return json.loads(summary_path.read_text())
+        done = json.loads(summary_path.read_text())
+        if done.get("run_id") == best["run_id"]:  # a new seed may have made another run the best
+            return done
     config = load_config(run_dir / "config.yaml", [])
     folder = HF_DIR / best["run_id"]  # the script's own output: a rerun replaces it
     folder.parent.mkdir(parents=True, exist_ok=True)
