@@ -82,8 +82,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
             state = scheduler.job_state(job_id) or state
             restarts = max(restarts, sum(int(t.get("Restarts", 0) or 0) for t in tasks))
     if state != "COMPLETED" and state not in scheduler.ACTIVE_STATES:
-        if completion is not None:  # the scheduler forgot the job, or the run finished in an earlier one
-            state = "COMPLETE" if state in ("UNKNOWN", "NOT SUBMITTED") else f"{state} (run COMPLETE)"
+        if completion is not None:  # the scheduler forgot the job, the run finished in an earlier one, or off SLURM
+            # SLURM's own word, so that a sweep's counts do not split finished runs in two.
+            state = "COMPLETED" if state in ("UNKNOWN", "NOT SUBMITTED") else f"{state} (run COMPLETE)"
         elif folder.interrupted_exit_code() is not None and state in ("UNKNOWN", "NOT SUBMITTED"):
             state = "INTERRUPTED"
     total = _total_steps(run_dir)

@@ -51,6 +51,10 @@ def test_train_collect_fit_and_probe(demo_data, tmp_path):
         done = mesh("train", str(run.config_path), *run.overrides)
         assert done.returncode == 0, done.stderr[-2000:]
 
+    status = mesh("sweep", "status", str(path))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[-1] == "3/4 runs complete; 3 COMPLETED, 1 NOT SUBMITTED", status.stdout
+
     collected = mesh("sweep", "collect", str(path))
     assert collected.returncode == 0, collected.stderr
     assert "3 finished, 1 not started" in collected.stdout and "not started: d64.mesh.t4.096k.s7" in collected.stdout
