@@ -12,7 +12,7 @@
 # Resumable: run it again after any interruption. Finished steps are skipped, a sweep resubmits only
 # its runs without a COMPLETE marker, and those resume from their last checkpoint.
 # Needs root for the local SLURM cluster and apt (slurm/local_cluster.sh), and the project installed
-# (`pip install -e .`, README). About 100 minutes on 2 CPU cores.
+# (`pip install -e .`, README). About 2 h 10 min on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
