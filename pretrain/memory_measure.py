@@ -167,7 +167,7 @@ def measure_engine(config, plan, groups) -> EngineMemory:
     activations = None
     for step in range(2):
         buckets.clear()  # only the last backward's bucket can still be live at the end
-        saved = saved_activations(lambda: engine(tokens, positions, None, labels=tokens),
+        saved = saved_activations(lambda e=engine: e(tokens, positions, None, labels=tokens),
                                   exclude=list(engine.module.parameters()))
         if activations is None:
             activations = saved.bytes

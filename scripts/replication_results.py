@@ -299,8 +299,8 @@ def hf_check(best: dict, run_dir: Path, out: Path, force: bool, threads: int = 2
         samples.append({"prompt": prompt, "greedy": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])})
     same_windows = training_windows_loss(model, config, run_dir)
     seq_length = config.model.seq_length
-    mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(seq_length + 1), "--stride", str(seq_length), "--json", str(target / "eval_ppl.json"),
-         log=target / "eval_ppl.txt", threads=threads)
+    mesh("eval", "ppl", str(folder), "--data", VALIDATION, "--context", str(seq_length + 1), "--stride", str(seq_length),
+         "--json", str(target / "eval_ppl.json"), log=target / "eval_ppl.txt", threads=threads)
     evaluation = json.loads((target / "eval_ppl.json").read_text())
     summary = {"run_id": best["run_id"], "hf_folder": str(folder), "model_class": type(model).__name__,
                "config_class": type(model.config).__name__, "samples": samples,

@@ -89,8 +89,8 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
         raise ConfigError(f"--tokens-per-s={tokens_per_s} must be > 0")
     if probe is not None:
         tokens_per_s = probe.tokens_per_s
-    gpus, unit = devices_per_run(sweep, gpus_per_run)
-    rows = plan_rows(sweep, tokens_per_s, gpus)
+    devices, unit = devices_per_run(sweep, gpus_per_run)
+    rows = plan_rows(sweep, tokens_per_s, devices)
     header = ("run", "variant", "size", "non-emb params", "total params", "tokens", "steps", "FLOPs", f"{unit}-hours")
     lines = [[r["run_id"], r["variant"], r["size"], f"{r['parameters']:,}", f"{r['parameters_total']:,}",
               f"{r['tokens']:,}", f"{r['steps']:,}", f"{r['flops']:.3e}",
@@ -110,8 +110,8 @@ def plan_table(sweep: Sweep, tokens_per_s: Optional[float] = None, probe: Option
         hours = sum(r["device_hours"] for r in rows)
         source = (f"measured by a {probe.steps}-step probe of {probe.run_id} on this machine ({probe.processes} process"
                   f"{'es' if probe.processes > 1 else ''})" if probe else "given")
-        wall = hours / gpus  # the runs one after another
-        out.append(f"{unit}-hours: {_hours(hours)} in all, {gpus} {unit}(s) per run ({_hours(wall)} run-hours one after "
+        wall = hours / devices  # the runs one after another
+        out.append(f"{unit}-hours: {_hours(hours)} in all, {devices} {unit}(s) per run ({_hours(wall)} run-hours one after "
                    f"another), from {tokens_per_s:,.0f} tokens/s for {reference.run_id} ({source}), scaled to each run "
                    "by its FLOPs per token")
     else:

@@ -12,11 +12,11 @@ hung in a collective here.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -38,8 +38,7 @@ def main() -> int:
         ctx = init_distributed(plan, seed=1234)
         try:
             measured = measure_engine(config, plan, ctx.groups)
-            results.append({"overrides": overrides, "rank": rank, "activations": measured.activations,
-                            "model_state": measured.model_state, "reduction_bucket": measured.reduction_bucket})
+            results.append({"overrides": overrides, "rank": rank, **dataclasses.asdict(measured)})
         finally:
             destroy_distributed()
     Path(f"{out}.{rank}").write_text(json.dumps(results))
